@@ -1,0 +1,339 @@
+"""The controller: for every step and layer, what each branch's attention becomes.
+
+The engine tells the controller which step it is on (``begin_step``) and hands it the
+latents after each scheduler step (``end_step``, where local blending happens). The
+attention processors ask it, per layer, whose queries and keys a branch uses in
+self-attention, and give it the cross-attention probabilities to record and edit.
+
+Everything that depends only on the recipe (token mappings, per-step injection and
+re-weighting factors, self-attention sources) is computed once, on the device, before
+sampling starts, so the per-layer work is a few batched tensor operations and no
+host synchronisation.
+
+Notation (paper, section 3): ``M`` is a branch's cross-attention map, ``M*`` the map of
+its edited branch; a target's map inside its window is ``Edit(M_parent, M_target)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .edits import Recipe, Target, Window
+from .processors import LayerPlace
+from .prompts import Alignment, Prompt, align, tokenize
+from .record import AttentionRecord
+
+__all__ = ["Branch", "plan_branches", "Controller"]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a run: its prompt and how it follows its parent."""
+
+    prompt: Prompt
+    parent: int  # -1 for the source
+    kind: str  # "source", "swap" or "refine"
+    alignment: Alignment | None  # parent -> this branch; None for the source
+    target: Target | None  # the spec; None for the source
+
+
+def plan_branches(recipe: Recipe, tokenizer) -> tuple[Branch, ...]:
+    """Tokenise every prompt and check every word an edit names, before anything runs.
+
+    Raises:
+        ValueError: with the branch and the problem (word not in the prompt, a swap
+            between prompts of different lengths, a prompt too long, ...).
+    """
+    try:
+        prompts = [tokenize(tokenizer, text) for text in recipe.prompts]
+    except ValueError as error:
+        raise ValueError(f"{error}") from None
+    branches = [Branch(prompts[0], -1, "source", None, None)]
+    for index, target in enumerate(recipe.targets, start=1):
+        prompt, parent = prompts[index], prompts[target.parent]
+        try:
+            alignment = align(parent, prompt, target.kind)
+            for word, _ in (*target.cross.words, *target.reweight):
+                prompt.find(word)
+            for word in target.preserve:
+                prompt.find(word)
+            if target.blend is not None:
+                for word in target.blend.words:
+                    prompt.find(word)
+                for word in target.blend.parent_words or ():
+                    parent.find(word)
+        except ValueError as error:
+            raise ValueError(f"target {index} ({target.prompt!r}): {error}") from None
+        branches.append(Branch(prompt, target.parent, alignment.kind, alignment, target))
+    return tuple(branches)
+
+
+def _levels(parents: tuple[int, ...]) -> list[list[int]]:
+    """Targets grouped by depth, so each group's parents are final before it is edited."""
+    depth = {0: 0}
+
+    def depth_of(branch: int) -> int:
+        if branch not in depth:
+            depth[branch] = depth_of(parents[branch]) + 1
+        return depth[branch]
+
+    for branch in range(1, len(parents)):
+        depth_of(branch)
+    deepest = max(depth.values())
+    return [[b for b in range(1, len(parents)) if depth[b] == d] for d in range(1, deepest + 1)]
+
+
+class Controller:
+    """Per-step, per-layer attention decisions for one run.
+
+    Args:
+        branches: from :func:`plan_branches`.
+        recipe: the run's recipe (windows are fractions of ``recipe.steps``).
+        places: the UNet's attention layers.
+        latent_size: (height, width) of the latent.
+        device: where the UNet runs.
+        guided: whether the batch holds an unconditional half first (classifier-free guidance).
+        record: keep the attention record (local blending records what it needs anyway).
+        record_self: ``(step, factor)`` to keep self-attention maps at one step and resolution.
+    """
+
+    def __init__(
+        self,
+        branches: tuple[Branch, ...],
+        recipe: Recipe,
+        places: dict[str, LayerPlace],
+        latent_size: tuple[int, int],
+        device: torch.device,
+        guided: bool,
+        record: bool = True,
+        record_self: tuple[int, int] | None = None,
+    ):
+        self.branches = branches
+        self.steps = recipe.steps
+        self.latent_size = latent_size
+        self.device = device
+        self.offset = len(branches) if guided else 0  # first conditional row of the batch
+        self.record = record
+        self.record_self_at = record_self
+        self.step = 0
+        parents = tuple(b.parent for b in branches)
+        self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
+        self.levels = [
+            (torch.tensor(group, device=device), torch.tensor(parent, device=device))
+            for group, parent in self.level_lists
+        ]
+        self.tokens = max(b.prompt.length for b in branches)  # recorded token positions
+        self.cross_factors = sorted({p.factor for p in places.values() if p.is_cross})
+        self.cross_layers = {f: sum(1 for p in places.values() if p.is_cross and p.factor == f) for f in self.cross_factors}
+        latent_side = min(latent_size)
+        self.self_allowed = {
+            name: min(place.map_size(*latent_size)) <= recipe.self_max_scale * latent_side + 1e-9
+            for name, place in places.items()
+            if not place.is_cross
+        }
+        self._build_cross(recipe)
+        self._build_self(recipe)
+        self._build_blend(recipe)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._history: dict[int, list[torch.Tensor]] = {f: [] for f in self.cross_factors}
+        self._blend_running: torch.Tensor | None = None
+        self._masks: list[torch.Tensor] = []
+        self._self_sum: torch.Tensor | None = None
+        self._self_layers = 0
+
+    # -- set-up --------------------------------------------------------------------
+    def _build_cross(self, recipe: Recipe) -> None:
+        count, length = len(self.branches), self.branches[0].prompt.max_length
+        mapping = torch.eye(length).repeat(count, 1, 1)  # (branches, parent tokens, tokens)
+        alpha = torch.zeros(self.steps, count, length)  # (steps, branches, tokens): 1 = inject
+        scale = torch.ones(self.steps, count, length)  # re-weighting factors
+        for index, branch in enumerate(self.branches[1:], start=1):
+            target = branch.target
+            mapping[index] = torch.from_numpy(branch.alignment.matrix)
+            windows = [target.cross.default] * length
+            for word, window in target.cross.words:
+                for token in branch.prompt.token_indices(word):
+                    windows[token] = window
+            if target.preserve:  # object preservation: only these words are injected
+                kept = {t for word in target.preserve for t in branch.prompt.token_indices(word)}
+                windows = [w if t in kept else Window(0.0, 0.0) for t, w in enumerate(windows)]
+            mapped = torch.from_numpy(branch.alignment.mapped)
+            for token, window in enumerate(windows):
+                if mapped[token]:
+                    alpha[window.steps(self.steps), index, token] = 1.0
+            reweight_window = target.reweight_window or target.cross.default
+            for word, factor in target.reweight:
+                tokens = list(branch.prompt.token_indices(word))
+                for step in reweight_window.steps(self.steps):
+                    scale[step, index, tokens] = factor
+        self.mapping = mapping.to(self.device)
+        self.alpha = alpha.to(self.device)
+        self.scale = scale.to(self.device)
+        # Host-side flags, so layers skip editing without looking at device tensors.
+        self.cross_injected = [bool((alpha[s] > 0).any()) for s in range(self.steps)]
+        self.cross_scaled = [bool((scale[s] != 1).any()) for s in range(self.steps)]
+
+    def _build_self(self, recipe: Recipe) -> None:
+        count = len(self.branches)
+        self.self_sources_at: list[torch.Tensor | None] = []
+        for step in range(self.steps):
+            source = list(range(count))
+            for group, _ in self.level_lists:
+                for branch in group:
+                    target = self.branches[branch].target
+                    if step in target.self_attn.steps(self.steps):
+                        source[branch] = source[self.branches[branch].parent]
+            if source == list(range(count)):
+                self.self_sources_at.append(None)
+                continue
+            rows = list(range(self.offset)) + [self.offset + s for s in source]
+            self.self_sources_at.append(torch.tensor(rows, device=self.device))
+
+    def _build_blend(self, recipe: Recipe) -> None:
+        blended = [(i, b) for i, b in enumerate(self.branches) if b.target is not None and b.target.blend]
+        self.blend_targets = [i for i, _ in blended]
+        if not blended:
+            self.blend_factor = None
+            return
+        # Masks come from maps at about a quarter of the latent side (16x16 for SD at 512 px).
+        wanted = min(self.latent_size) / 4
+        sides = {f: min(LayerPlace("", True, f).map_size(*self.latent_size)) for f in self.cross_factors}
+        self.blend_factor = min(self.cross_factors, key=lambda f: (abs(math.log(sides[f] / wanted)), f))
+        count = len(self.branches)
+        own = torch.zeros(count, self.tokens)  # (branches, tokens): tokens of the blend words
+        parent = torch.zeros(count, self.tokens)  # same, in the parent's prompt
+        start = [0] * count
+        self.blend_spec = {}
+        for index, branch in blended:
+            blend = branch.target.blend
+            own[index, list(_tokens(branch.prompt, blend.words))] = 1.0
+            if blend.parent_words is not None:
+                parent_tokens = list(_tokens(self.branches[branch.parent].prompt, blend.parent_words))
+            else:  # the parent's tokens aligned with the blend words
+                weights = torch.from_numpy(branch.alignment.matrix)[:, own[index].nonzero().flatten()]
+                parent_tokens = [t for t in weights.sum(1).nonzero().flatten().tolist() if t < self.tokens]
+            parent[index, parent_tokens] = 1.0
+            start[index] = math.floor(blend.start * self.steps + 1e-9)
+            self.blend_spec[index] = blend
+        self.blend_own = own.to(self.device)
+        self.blend_parent = parent.to(self.device)
+        self.blend_start = start
+
+    # -- called by the engine ------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self._sums = {}
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """Finish a step: store its maps, and blend the targets' latents (a new tensor)."""
+        means = {f: self._sums[f] / self.cross_layers[f] for f in self._sums}  # (branches, pixels, tokens)
+        if self.record:
+            for factor, mean in means.items():
+                height, width = LayerPlace("", True, factor).map_size(*self.latent_size)
+                self._history[factor].append(mean.reshape(mean.shape[0], height, width, -1).to(torch.float16))
+        if self.blend_factor is None:
+            return latents
+        current = means[self.blend_factor]
+        self._blend_running = current if self._blend_running is None else self._blend_running + current
+        return self._blend(latents)
+
+    def _blend(self, latents: torch.Tensor) -> torch.Tensor:
+        """Local blending (paper 3.2): outside the words' mask, reset to the parent's latent."""
+        count = latents.shape[0]
+        masks = torch.ones(count, *latents.shape[2:], dtype=torch.bool, device=latents.device)
+        latents = latents.clone()
+        height, width = LayerPlace("", True, self.blend_factor).map_size(*self.latent_size)
+        for group, parents in self.level_lists:
+            for branch, parent in zip(group, parents):
+                if branch not in self.blend_spec or self.step < self.blend_start[branch]:
+                    continue
+                blend = self.blend_spec[branch]
+                # (2, pixels): the branch's words in the branch, the aligned words in the parent
+                maps = torch.stack(
+                    [
+                        self._blend_running[branch].float() @ self.blend_own[branch],
+                        self._blend_running[parent].float() @ self.blend_parent[branch],
+                    ]
+                ).reshape(2, 1, height, width)
+                size = 2 * blend.dilation + 1
+                maps = F.max_pool2d(maps, size, stride=1, padding=blend.dilation)
+                maps = F.interpolate(maps, size=tuple(latents.shape[2:]), mode="nearest")
+                peak = maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+                mask = ((maps / peak) > blend.threshold).any(dim=0)[0]  # union: (h, w)
+                masks[branch] = mask
+                weight = mask.to(latents.dtype)
+                latents[branch] = latents[parent] + weight * (latents[branch] - latents[parent])
+        self._masks.append(masks)
+        return latents
+
+    def finish(self, timesteps: tuple[int, ...]) -> tuple[AttentionRecord | None, torch.Tensor | None]:
+        """The attention record (CPU, fp16) and the blend masks (steps, branches, h, w)."""
+        record = None
+        if self.record and self._history[self.cross_factors[0]]:
+            maps = {f: torch.stack(h).cpu() for f, h in self._history.items()}
+            self_maps = None
+            if self._self_sum is not None:
+                self_maps = (self.record_self_at, (self._self_sum / self._self_layers).to(torch.float16).cpu())
+            record = AttentionRecord(
+                prompts=tuple(b.prompt for b in self.branches),
+                latent_size=self.latent_size,
+                maps=maps,
+                layers=dict(self.cross_layers),
+                timesteps=tuple(timesteps[: len(self._history[self.cross_factors[0]])]),
+                self_maps=self_maps,
+            )
+        masks = torch.stack(self._masks).cpu() if self._masks else None
+        return record, masks
+
+    # -- called by the processors --------------------------------------------------
+    def self_sources(self, place: LayerPlace) -> torch.Tensor | None:
+        if not self.self_allowed[place.name]:
+            return None
+        return self.self_sources_at[self.step]
+
+    def record_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        if self.record_self_at != (self.step, place.factor):
+            return
+        # (branches, heads, pixels, pixels) -> mean over heads
+        probs = (torch.matmul(query[self.offset :], key[self.offset :].transpose(-1, -2)).float() * scale).softmax(-1)
+        mean = probs.mean(1)
+        self._self_sum = mean if self._self_sum is None else self._self_sum + mean
+        self._self_layers += 1
+
+    def cross_probabilities(self, place: LayerPlace, probs: torch.Tensor) -> torch.Tensor:
+        """Record and edit cross-attention probabilities (batch, heads, pixels, tokens)."""
+        height, width = place.map_size(*self.latent_size)
+        if probs.shape[2] != height * width:
+            raise RuntimeError(
+                f"layer {place.name} has {probs.shape[2]} pixels but {height}x{width} were expected "
+                f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this UNet's layout is not supported"
+            )
+        conditional = probs[self.offset :]  # (branches, heads, pixels, tokens)
+        if self.record or self.blend_factor == place.factor:
+            mean = conditional[..., : self.tokens].mean(1)  # (branches, pixels, tokens)
+            previous = self._sums.get(place.factor)
+            self._sums[place.factor] = mean if previous is None else previous + mean
+        injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
+        if not (injected or scaled):
+            return probs
+        edited = conditional.clone()
+        alpha, scale = self.alpha[self.step], self.scale[self.step]
+        for group, parents in self.levels:  # parents before children: chains see edited parents
+            maps = conditional[group]
+            if injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
+                carried = torch.einsum("bhpt,btu->bhpu", edited[parents], self.mapping[group])
+                maps = maps + alpha[group][:, None, None, :] * (carried - maps)
+            if scaled:  # re-weighting: M* = c * M for the chosen words' tokens
+                maps = maps * scale[group][:, None, None, :]
+            edited[group] = maps
+        if self.offset == 0:
+            return edited
+        return torch.cat([probs[: self.offset], edited])
+
+
+def _tokens(prompt: Prompt, words: tuple) -> list[int]:
+    return sorted({t for word in words for t in prompt.token_indices(word)})

@@ -1,0 +1,321 @@
+"""Joint sampling of a source and its edited branches in one batch.
+
+``run(pipe, recipe)`` works with any diffusers ``StableDiffusionPipeline``-compatible
+object (it needs ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``).
+It never changes the pipeline: it samples with a fresh copy of the scheduler and
+installs its attention processors only for the duration of the run.
+
+The loop follows the stock pipeline step for step, so that with no edit the source
+image is the one ``pipe(prompt, latents=...)`` makes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .control import Branch, Controller, plan_branches
+from .edits import Recipe, Target
+from .processors import attached, find_places
+from .record import AttentionRecord
+
+__all__ = ["run", "edit", "Result", "Progress", "Cancelled", "make_scheduler", "initial_noise"]
+
+
+class Cancelled(Exception):
+    """The run was cancelled; the pipeline is as it was before the run."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Passed to the per-step callback.
+
+    Attributes:
+        step: the step just finished (0-based); ``steps`` in all.
+        timestep: the scheduler's timestep of that step.
+        preview: the predicted clean images of every branch (PIL), on preview steps only.
+    """
+
+    step: int
+    steps: int
+    timestep: int
+    preview: tuple[Image.Image, ...] | None = None
+
+    @property
+    def fraction(self) -> float:
+        return (self.step + 1) / self.steps
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run produced.
+
+    Attributes:
+        recipe: the run's recipe, completed (size, scheduler, model) so it reproduces it.
+        images: one PIL image per branch, the source first.
+        latents: the final latents, (branches, channels, h, w), float32, CPU.
+        branches: every branch's tokenised prompt, parent and edit kind.
+        attention: the attention record (None when recording was off).
+        blend_masks: the local-blend masks, (steps, branches, h, w) bool on the latent
+            grid (True where the branch may differ from its parent), or None without blending.
+    """
+
+    recipe: Recipe
+    images: tuple[Image.Image, ...]
+    latents: torch.Tensor
+    branches: tuple[Branch, ...]
+    attention: AttentionRecord | None
+    blend_masks: torch.Tensor | None
+
+    @property
+    def source(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def targets(self) -> tuple[Image.Image, ...]:
+        return self.images[1:]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The edit kind of every branch ("source", "swap", "refine"): what "auto" chose."""
+        return tuple(b.kind for b in self.branches)
+
+
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_pipeline(pipe: Any) -> None:
+    missing = [name for name in _REQUIRED if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(
+            f"the pipeline has no {', '.join(missing)}; p2p_widgets needs a Stable Diffusion "
+            "pipeline with unet, vae, text_encoder, tokenizer and scheduler "
+            "(e.g. diffusers.StableDiffusionPipeline.from_pretrained(...))"
+        )
+
+
+def make_scheduler(pipe: Any, name: str):
+    """A fresh scheduler: class ``name`` built from the pipeline's scheduler config.
+
+    ``name="pipeline"`` copies the pipeline's own scheduler class.
+    """
+    import diffusers
+
+    if name == "pipeline":
+        cls = type(pipe.scheduler)
+    else:
+        cls = getattr(diffusers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            known = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []) if hasattr(c, "__name__"))
+            raise ValueError(
+                f"{name!r} is not a diffusers scheduler; use 'pipeline' or one of: {', '.join(known)}"
+            )
+    return cls.from_config(pipe.scheduler.config)
+
+
+def vae_factor(pipe: Any) -> int:
+    """How many image pixels one latent pixel covers, per side (8 for Stable Diffusion)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def initial_noise(pipe: Any, seed: int, height: int, width: int) -> torch.Tensor:
+    """x_T for one branch: standard normal from a CPU generator (same on every device)."""
+    factor = vae_factor(pipe)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _size(pipe: Any, recipe: Recipe) -> tuple[int, int]:
+    factor = vae_factor(pipe)
+    sample = pipe.unet.config.sample_size
+    default = (sample if isinstance(sample, int) else sample[0]) * factor
+    height, width = recipe.height or default, recipe.width or default
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            lower, upper = value - value % factor, value - value % factor + factor
+            raise ValueError(
+                f"{name} {value} is not a multiple of {factor} (the VAE's downsampling factor); "
+                f"use {lower or factor} or {upper}"
+            )
+    return height, width
+
+
+def _encode(pipe: Any, ids: list[tuple[int, ...]], lengths: list[int], device: torch.device) -> torch.Tensor:
+    """Text embeddings of padded token ids, as the stock pipeline computes them.
+
+    ``lengths``: real tokens per sequence (begin- and end-of-text included), for text
+    encoders configured to use an attention mask.
+    """
+    tokens = torch.tensor(ids, device=device)
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        positions = torch.arange(tokens.shape[1], device=device)
+        mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+    embeddings = pipe.text_encoder(tokens, attention_mask=mask)[0]
+    return embeddings.to(dtype=pipe.text_encoder.dtype, device=device)
+
+
+def _decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    images = []
+    scaling = pipe.vae.config.scaling_factor
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    for latent in latents:  # one at a time: decoding is the memory peak at large sizes
+        decoded = pipe.vae.decode(latent[None].to(pipe.vae.dtype) / scaling + shift, return_dict=False)[0]
+        array = (decoded[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray((array * 255).round().astype(np.uint8)))
+    return images
+
+
+def _step_kwargs(scheduler, eta: float, seed: int) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+    return kwargs
+
+
+def _rescale(guided: torch.Tensor, text: torch.Tensor, factor: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, section 3.4), as the stock pipeline does it."""
+    dims = list(range(1, text.ndim))
+    rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return factor * rescaled + (1 - factor) * guided
+
+
+def run(
+    pipe: Any,
+    recipe: Recipe,
+    *,
+    record: bool = True,
+    callback: Callable[[Progress], None] | None = None,
+    preview_every: int = 0,
+    cancel: threading.Event | None = None,
+    record_self: tuple[int, int] | None = None,
+    latents: torch.Tensor | None = None,
+) -> Result:
+    """Generate the source and every target of ``recipe`` in one batch.
+
+    Args:
+        pipe: a Stable Diffusion pipeline (SD 1.x / 2.x, epsilon or v-prediction).
+        recipe: prompts, edits and settings.
+        record: keep the cross-attention record (fp16 on the CPU).
+        callback: called after every step with a :class:`Progress`.
+        preview_every: every this many steps, decode the predicted clean images for
+            the callback (0: never).
+        cancel: an event another thread may set; the run then stops at the next step
+            and raises :class:`Cancelled`.
+        record_self: ``(step, factor)``: also keep the self-attention maps of that step
+            at that resolution (for the self-attention components view).
+        latents: x_T for one branch, (1, channels, h, w); default: from ``recipe.seed``.
+
+    Raises:
+        ValueError / TypeError: bad input, before the pipeline is touched.
+        Cancelled: ``cancel`` was set. The pipeline is restored in every case.
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"run() takes a Recipe, not {type(recipe).__name__}; use edit() for prompts")
+    if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
+        raise ValueError(f"preview_every is a number of steps (0 = no preview), not {preview_every!r}")
+    _check_pipeline(pipe)
+    unet = pipe.unet
+    device = unet.device
+    height, width = _size(pipe, recipe)
+    factor = vae_factor(pipe)
+    latent_size = (height // factor, width // factor)
+    branches = plan_branches(recipe, pipe.tokenizer)
+    places = find_places(unet)
+    scheduler = make_scheduler(pipe, recipe.scheduler)
+    if record_self is not None:
+        cross_factors = sorted({p.factor for p in places.values() if not p.is_cross})
+        if record_self[1] not in cross_factors or not 0 <= record_self[0] < recipe.steps:
+            raise ValueError(
+                f"record_self is (step, factor) with step in 0..{recipe.steps - 1} and factor one of "
+                f"{', '.join(map(str, cross_factors))}, not {record_self!r}"
+            )
+    if latents is None:
+        latents = initial_noise(pipe, recipe.seed, height, width)
+    expected = (1, unet.config.in_channels, *latent_size)
+    if tuple(latents.shape) != expected:
+        raise ValueError(f"latents must have shape {expected} for a {height}x{width} image, not {tuple(latents.shape)}")
+    recipe = recipe.replace(
+        height=height,
+        width=width,
+        scheduler=type(scheduler).__name__,
+        model=recipe.model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or None,
+    )
+    count = len(branches)
+    guided = recipe.guidance > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+
+    with torch.no_grad():
+        # 1. Text embeddings c of every branch; the unconditional embedding for guidance.
+        text = _encode(pipe, [b.prompt.ids for b in branches], [b.prompt.length for b in branches], device)
+        if guided:  # the stock pipeline's unconditional input: the negative prompt, truncated
+            negative = pipe.tokenizer(
+                recipe.negative_prompt,
+                padding="max_length",
+                max_length=branches[0].prompt.max_length,
+                truncation=True,
+            )
+            unconditional = _encode(pipe, [tuple(negative["input_ids"])], [sum(negative["attention_mask"])], device)
+            text = torch.cat([unconditional.expand(count, -1, -1), text])
+        # 2. The schedule, and x_T shared by every branch (the paper: same seed for all).
+        scheduler.set_timesteps(recipe.steps, device=device)
+        timesteps = scheduler.timesteps
+        x = latents.to(device=device, dtype=text.dtype).expand(count, -1, -1, -1) * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, recipe.eta, recipe.seed)
+        controller = Controller(
+            branches, recipe.replace(steps=len(timesteps)), places, latent_size, device, guided, record, record_self
+        )
+        with attached(unet, controller, places):
+            for i, t in enumerate(timesteps):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled at step {i} of {len(timesteps)}")
+                controller.begin_step(i)
+                # 3. epsilon (or v) for every branch, both halves in one UNet call.
+                model_input = torch.cat([x, x]) if guided else x
+                model_input = scheduler.scale_model_input(model_input, t)
+                prediction = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+                if guided:
+                    unconditional_pred, text_pred = prediction.chunk(2)
+                    prediction = unconditional_pred + recipe.guidance * (text_pred - unconditional_pred)
+                    if recipe.guidance_rescale > 0:
+                        prediction = _rescale(prediction, text_pred, recipe.guidance_rescale)
+                # 4. x_{t-1} from x_t, then local blending of the targets.
+                output = scheduler.step(prediction, t, x, **step_kwargs, return_dict=True)
+                x = controller.end_step(output.prev_sample)
+                if callback is not None:
+                    preview = None
+                    clean = getattr(output, "pred_original_sample", None)
+                    if preview_every and clean is not None and ((i + 1) % preview_every == 0 or i + 1 == len(timesteps)):
+                        preview = tuple(_decode(pipe, clean))
+                    callback(Progress(i, len(timesteps), int(t), preview))
+        attention, masks = controller.finish(tuple(int(t) for t in timesteps))
+        # 5. Decode x_0.
+        images = _decode(pipe, x)
+    return Result(
+        recipe=recipe,
+        images=tuple(images),
+        latents=x.float().cpu(),
+        branches=branches,
+        attention=attention,
+        blend_masks=masks,
+    )
+
+
+def edit(pipe: Any, prompt: str, *targets: Target | str, **settings: Any) -> Result:
+    """Generate ``prompt`` and its edits in one batch: ``edit(pipe, "a cat", "a dog")``.
+
+    ``settings`` are :class:`Recipe` fields (seed, steps, guidance, ...) and the keyword
+    arguments of :func:`run` (record, callback, preview_every, cancel, record_self, latents).
+    """
+    run_options = {k: settings.pop(k) for k in ("record", "callback", "preview_every", "cancel", "record_self", "latents") if k in settings}
+    recipe = Recipe(prompt, tuple(targets), **settings)
+    return run(pipe, recipe, **run_options)

@@ -1,0 +1,182 @@
+"""diffusers attention processors that hand attention decisions to a controller.
+
+A processor knows only its fixed place in the UNet (layer name, self or cross, and how
+many times the latent was downsampled before it). It computes queries, keys and values
+exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two things:
+
+* self-attention: whose queries and keys each batch row uses (``None``: its own).
+  Injection is then ``sdpa(Q_parent, K_parent, V_target)``, identical to replacing
+  the target's attention probabilities by the parent's, without materialising them.
+* cross-attention: the probabilities are computed explicitly (fp32 softmax) and given
+  to the controller, which records and edits them.
+
+``attached(unet, controller)`` installs the processors for the duration of a ``with``
+block and restores the originals on exit, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LayerPlace", "find_places", "P2PAttnProcessor", "attached", "AttentionHandler"]
+
+
+@dataclass(frozen=True)
+class LayerPlace:
+    """Where an attention layer sits: its module name, kind, and downsampling factor."""
+
+    name: str
+    is_cross: bool
+    factor: int  # the layer's feature map is the latent downsampled ``factor`` times (1, 2, 4, ...)
+
+    def map_size(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """(height, width) of this layer's feature map for a latent of the given size."""
+        height, width, factor = latent_height, latent_width, self.factor
+        while factor > 1:  # each downsampler is a stride-2 convolution: ceil(n / 2)
+            height, width, factor = (height + 1) // 2, (width + 1) // 2, factor // 2
+        return height, width
+
+
+class AttentionHandler(Protocol):
+    def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
+
+    def cross_probabilities(self, place: LayerPlace, probs: torch.Tensor) -> torch.Tensor: ...
+
+    def record_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None: ...
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    return hasattr(module, "set_processor") and hasattr(module, "get_processor") and hasattr(module, "to_q")
+
+
+def find_places(unet: torch.nn.Module) -> dict[str, LayerPlace]:
+    """Every attention layer of a diffusers UNet, found by structure.
+
+    The downsampling factor of a layer counts the downsamplers of the blocks before it
+    (down blocks), all of them (mid block), or all of them minus the upsamplers before
+    it (up blocks).
+    """
+    down_blocks = list(getattr(unet, "down_blocks", []))
+    up_blocks = list(getattr(unet, "up_blocks", []))
+    downs = [1 if getattr(b, "downsamplers", None) else 0 for b in down_blocks]
+    ups = [1 if getattr(b, "upsamplers", None) else 0 for b in up_blocks]
+    places = {}
+    for name, module in unet.named_modules():
+        if not _is_attention(module):
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            level = sum(downs[: int(parts[1])])
+        elif parts[0] == "mid_block":
+            level = sum(downs)
+        elif parts[0] == "up_blocks":
+            level = sum(downs) - sum(ups[: int(parts[1])])
+        else:
+            raise ValueError(
+                f"cannot place attention layer {name!r}: p2p_widgets supports UNets with "
+                "down_blocks / mid_block / up_blocks (Stable Diffusion 1.x and 2.x)"
+            )
+        places[name] = LayerPlace(name, bool(getattr(module, "is_cross_attention", False)), 2**level)
+    if not any(p.is_cross for p in places.values()):
+        raise ValueError("this UNet has no cross-attention layers; it is not a text-to-image Stable Diffusion UNet")
+    return places
+
+
+class P2PAttnProcessor:
+    """Attention like ``AttnProcessor2_0``, with decisions delegated to a handler."""
+
+    def __init__(self, handler: AttentionHandler, place: LayerPlace):
+        self.handler = handler
+        self.place = place
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        keys_length = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys_length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        # (batch, heads, tokens, head_dim)
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.place.is_cross:
+            # (batch, heads, pixels, tokens): explicit, softmax in fp32 for fp16/bf16 safety
+            scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = self.handler.cross_probabilities(self.place, scores.softmax(dim=-1))
+            hidden_states = torch.matmul(probs.to(value.dtype), value)
+        else:
+            self.handler.record_self(self.place, query, key, attn.scale)
+            sources = self.handler.self_sources(self.place)
+            if sources is not None:  # Q and K of the parent, V of the branch itself
+                query, key = query.index_select(0, sources), key.index_select(0, sources)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attached(unet: torch.nn.Module, handler: AttentionHandler, places: dict[str, LayerPlace]) -> Iterator[None]:
+    """Install a :class:`P2PAttnProcessor` on every attention layer, restore on exit."""
+    modules = {name: module for name, module in unet.named_modules() if name in places}
+    originals = {name: module.get_processor() for name, module in modules.items()}
+    if any(isinstance(p, P2PAttnProcessor) for p in originals.values()):
+        raise RuntimeError(
+            "this pipeline is already running a Prompt-to-Prompt edit (its attention "
+            "processors are attached); wait for that run to finish or cancel it"
+        )
+    try:
+        for name, module in modules.items():
+            module.set_processor(P2PAttnProcessor(handler, places[name]))
+        yield
+    finally:
+        for name, module in modules.items():
+            module.set_processor(originals[name])

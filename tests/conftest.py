@@ -1,0 +1,35 @@
+import matplotlib
+
+matplotlib.use("agg")
+
+import pytest
+import torch
+
+from p2p_widgets.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def sd1():
+    """A tiny SD 1.x-like pipeline (epsilon prediction), random weights, 32x32 images."""
+    return tiny_pipeline("sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2():
+    """A tiny SD 2.x-like pipeline (v-prediction, linear projections)."""
+    return tiny_pipeline("sd2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sd1):
+    return sd1.tokenizer
+
+
+def processors_of(pipe):
+    """The identity of every attention processor, to check nothing was left attached."""
+    return {name: id(p) for name, p in pipe.unet.attn_processors.items()}
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
