@@ -122,10 +122,6 @@ class Controller:
         self.step = 0
         parents = tuple(b.parent for b in branches)
         self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
-        self.levels = [
-            (torch.tensor(group, device=device), torch.tensor(parent, device=device))
-            for group, parent in self.level_lists
-        ]
         self.tokens = max(b.prompt.length for b in branches)  # recorded token positions
         self.cross_factors = sorted({p.factor for p in places.values() if p.is_cross})
         self.cross_layers = {f: sum(1 for p in places.values() if p.is_cross and p.factor == f) for f in self.cross_factors}
@@ -170,12 +166,12 @@ class Controller:
                 tokens = list(branch.prompt.token_indices(word))
                 for step in reweight_window.steps(self.steps):
                     scale[step, index, tokens] = factor
-        self.mapping = mapping.to(self.device)
-        self.alpha = alpha.to(self.device)
-        self.scale = scale.to(self.device)
         # Host-side flags, so layers skip editing without looking at device tensors.
         self.cross_injected = [bool((alpha[s] > 0).any()) for s in range(self.steps)]
         self.cross_scaled = [bool((scale[s] != 1).any()) for s in range(self.steps)]
+        self.levels = [
+            _Level(group, parents, mapping, alpha, scale, self.device) for group, parents in self.level_lists
+        ]
 
     def _build_self(self, recipe: Recipe) -> None:
         count = len(self.branches)
@@ -304,35 +300,85 @@ class Controller:
         self._self_sum = mean if self._self_sum is None else self._self_sum + mean
         self._self_layers += 1
 
-    def cross_probabilities(self, place: LayerPlace, probs: torch.Tensor) -> torch.Tensor:
-        """Record and edit cross-attention probabilities (batch, heads, pixels, tokens)."""
+    def explicit_rows(self, place: LayerPlace) -> int | None:
+        """The first batch row whose cross-attention probabilities this step needs."""
+        if self.record or self.blend_factor == place.factor or self.cross_injected[self.step] or self.cross_scaled[self.step]:
+            return self.offset
+        return None
+
+    def cross_probabilities(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
+        """Record and edit the conditional half's cross-attention (branches, heads, pixels, tokens)."""
         height, width = place.map_size(*self.latent_size)
-        if probs.shape[2] != height * width:
+        if conditional.shape[2] != height * width:
             raise RuntimeError(
-                f"layer {place.name} has {probs.shape[2]} pixels but {height}x{width} were expected "
+                f"layer {place.name} has {conditional.shape[2]} pixels but {height}x{width} were expected "
                 f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this UNet's layout is not supported"
             )
-        conditional = probs[self.offset :]  # (branches, heads, pixels, tokens)
         if self.record or self.blend_factor == place.factor:
             mean = conditional[..., : self.tokens].mean(1)  # (branches, pixels, tokens)
             previous = self._sums.get(place.factor)
             self._sums[place.factor] = mean if previous is None else previous + mean
         injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
         if not (injected or scaled):
-            return probs
+            return conditional
         edited = conditional.clone()
-        alpha, scale = self.alpha[self.step], self.scale[self.step]
-        for group, parents in self.levels:  # parents before children: chains see edited parents
-            maps = conditional[group]
+        for level in self.levels:  # parents before children: chains see edited parents
+            maps = conditional[level.rows]
             if injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
-                carried = torch.einsum("bhpt,btu->bhpu", edited[parents], self.mapping[group])
-                maps = maps + alpha[group][:, None, None, :] * (carried - maps)
+                carried = level.carry(edited[level.parents])
+                maps = torch.lerp(maps, carried, level.alpha[self.step][:, None, None, :])
             if scaled:  # re-weighting: M* = c * M for the chosen words' tokens
-                maps = maps * scale[group][:, None, None, :]
-            edited[group] = maps
-        if self.offset == 0:
-            return edited
-        return torch.cat([probs[: self.offset], edited])
+                maps = maps * level.scale[self.step][:, None, None, :]
+            edited[level.rows] = maps
+        return edited
+
+
+class _Level:
+    """Targets of one depth: their rows, parents, token mappings and per-step factors.
+
+    A token mapping is mostly a permutation, so instead of a (tokens x tokens) matrix
+    product it is applied as a gather of ``width`` parent tokens per target token,
+    weighted (``width`` is 1 unless a swapped word has more tokens in the parent).
+    """
+
+    def __init__(self, group, parents, mapping, alpha, scale, device):
+        self.rows = _rows(group)
+        self.parents = _rows(parents)
+        self.count = len(group)
+        matrix = mapping[group]  # (targets, parent tokens, tokens)
+        width = max(1, int((matrix > 0).sum(1).max()))
+        length = matrix.shape[-1]
+        index = torch.zeros(self.count, length, width, dtype=torch.long)
+        weight = torch.zeros(self.count, length, width)
+        for b in range(self.count):
+            for token in range(length):
+                sources = matrix[b, :, token].nonzero().flatten()
+                index[b, token, : len(sources)] = sources
+                weight[b, token, : len(sources)] = matrix[b, sources, token]
+        self.width = width
+        self.index = index.reshape(self.count, 1, 1, length * width).to(device)
+        self.weight = None if width == 1 and bool((weight == 1).all()) else weight.to(device)
+        self.alpha = alpha[:, group].to(device)  # (steps, targets, tokens)
+        self.scale = scale[:, group].to(device)
+
+    def carry(self, parent_maps: torch.Tensor) -> torch.Tensor:
+        """Parent maps (targets, heads, pixels, parent tokens) re-indexed to the targets' tokens."""
+        count, heads, pixels, length = parent_maps.shape
+        parent_maps = parent_maps.expand(self.count, heads, pixels, length)
+        gathered = parent_maps.gather(-1, self.index.expand(self.count, heads, pixels, -1))
+        if self.weight is None:
+            return gathered
+        gathered = gathered.view(self.count, heads, pixels, length, self.width)
+        return (gathered * self.weight[:, None, None]).sum(-1)
+
+
+def _rows(indices: list[int]) -> slice | list[int]:
+    """A slice when the indices are consecutive (cheaper than gathering), else the list."""
+    if all(b - a == 1 for a, b in zip(indices, indices[1:])):
+        return slice(indices[0], indices[-1] + 1)
+    if len(set(indices)) == 1:
+        return slice(indices[0], indices[0] + 1)
+    return indices
 
 
 def _tokens(prompt: Prompt, words: tuple) -> list[int]:

@@ -7,8 +7,10 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
 * self-attention: whose queries and keys each batch row uses (``None``: its own).
   Injection is then ``sdpa(Q_parent, K_parent, V_target)``, identical to replacing
   the target's attention probabilities by the parent's, without materialising them.
-* cross-attention: the probabilities are computed explicitly (fp32 softmax) and given
-  to the controller, which records and edits them.
+* cross-attention: from which batch row on the probabilities are needed (``None``:
+  none, at a step with nothing to record or edit). Those rows' probabilities are computed
+  explicitly (fp32 softmax) and given to the controller, which records and edits them;
+  the other rows (the unconditional half) use SDPA.
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
@@ -43,6 +45,8 @@ class LayerPlace:
 
 
 class AttentionHandler(Protocol):
+    def explicit_rows(self, place: LayerPlace) -> int | None: ...
+
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
 
     def cross_probabilities(self, place: LayerPlace, probs: torch.Tensor) -> torch.Tensor: ...
@@ -136,13 +140,25 @@ class P2PAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.place.is_cross:
-            # (batch, heads, pixels, tokens): explicit, softmax in fp32 for fp16/bf16 safety
-            scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale
+        first = self.handler.explicit_rows(self.place) if self.place.is_cross else None
+        if first is not None:
+            # Rows before ``first`` (the unconditional half) need no record or edit: SDPA.
+            # The rest: explicit probabilities (batch, heads, pixels, tokens), fp32 softmax.
+            scores = torch.matmul(query[first:] * attn.scale, key[first:].transpose(-1, -2))
             if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            probs = self.handler.cross_probabilities(self.place, scores.softmax(dim=-1))
-            hidden_states = torch.matmul(probs.to(value.dtype), value)
+                scores = scores + attention_mask[first:]
+            probs = self.handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
+            hidden_states = torch.matmul(probs.to(value.dtype), value[first:])
+            if first > 0:
+                mask = None if attention_mask is None else attention_mask[:first]
+                plain = F.scaled_dot_product_attention(
+                    query[:first], key[:first], value[:first], attn_mask=mask, scale=attn.scale
+                )
+                hidden_states = torch.cat([plain, hidden_states])
+        elif self.place.is_cross:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
         else:
             self.handler.record_self(self.place, query, key, attn.scale)
             sources = self.handler.self_sources(self.place)

@@ -1,5 +1,6 @@
 """The attention processor against explicit attention, and layer placement."""
 
+import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
@@ -9,9 +10,13 @@ from p2p_widgets.processors import LayerPlace, P2PAttnProcessor, find_places
 class Handler:
     """A controller stand-in that injects one row's queries and keys into another."""
 
-    def __init__(self, sources=None):
+    def __init__(self, sources=None, first=0):
         self.sources = sources
+        self.first = first
         self.seen = None
+
+    def explicit_rows(self, place):
+        return self.first
 
     def self_sources(self, place):
         return self.sources
@@ -41,17 +46,21 @@ def test_self_injection_equals_replacing_the_probabilities():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_matches_the_stock_processor_and_exposes_probabilities():
+@pytest.mark.parametrize("first", [None, 0, 2])
+def test_cross_attention_matches_the_stock_processor_and_exposes_probabilities(first):
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
-    hidden, text = torch.randn(2, 10, 16), torch.randn(2, 7, 12)
-    handler = Handler()
+    hidden, text = torch.randn(4, 10, 16), torch.randn(4, 7, 12)
+    handler = Handler(first=first)
     out = P2PAttnProcessor(handler, LayerPlace("x", True, 1))(attn, hidden, text)
     expected = AttnProcessor()(attn, hidden, text)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert handler.seen.shape == (2, 2, 10, 7)  # (batch, heads, pixels, tokens)
+    if first is None:  # nothing to record or edit: no explicit probabilities at all
+        assert handler.seen is None
+        return
+    assert handler.seen.shape == (4 - first, 2, 10, 7)  # (rows from `first`, heads, pixels, tokens)
     assert handler.seen.dtype == torch.float32
-    torch.testing.assert_close(handler.seen.sum(-1), torch.ones(2, 2, 10))
+    torch.testing.assert_close(handler.seen.sum(-1), torch.ones(4 - first, 2, 10))
 
 
 def test_layers_are_placed_by_structure(sd1):
