@@ -124,17 +124,21 @@ def main() -> None:
     parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=int, default=None, help="default: 20 (tiny), 50 (sd15)")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels; default: 64 (tiny), 512 (sd15)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels; default: 32 (tiny), 512 (sd15)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.arch == "tiny":
-        pipe = tiny_pipeline("sd1", sample_size=32, dtype=dtype)
-        steps, size = args.steps or 20, args.size or 64
+    if args.arch == "tiny":  # the test-suite's SD1-like pipeline
+        size = args.size or 32
+        pipe = tiny_pipeline("sd1", sample_size=size // 2, dtype=dtype)
     else:
+        size = args.size or 512
         pipe = sd15_pipeline(dtype)
-        steps, size = args.steps or 50, args.size or 512
+    steps = args.steps
     pipe = pipe.to(device)
     noise = initial_noise(pipe, 0, size, size)
 

@@ -48,10 +48,13 @@ def plan_branches(recipe: Recipe, tokenizer) -> tuple[Branch, ...]:
         ValueError: with the branch and the problem (word not in the prompt, a swap
             between prompts of different lengths, a prompt too long, ...).
     """
-    try:
-        prompts = [tokenize(tokenizer, text) for text in recipe.prompts]
-    except ValueError as error:
-        raise ValueError(f"{error}") from None
+    prompts = []
+    for index, text in enumerate(recipe.prompts):
+        try:
+            prompts.append(tokenize(tokenizer, text))
+        except ValueError as error:
+            where = "the source prompt" if index == 0 else f"target {index}"
+            raise ValueError(f"{where}: {error}") from None
     branches = [Branch(prompts[0], -1, "source", None, None)]
     for index, target in enumerate(recipe.targets, start=1):
         prompt, parent = prompts[index], prompts[target.parent]
@@ -321,7 +324,10 @@ class Controller:
         injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
         if not (injected or scaled):
             return conditional
-        edited = conditional.clone()
+        # One depth of targets, all children of the source (the common case): no copy of
+        # the whole batch, the source row is concatenated in front of the edited rows.
+        single = len(self.levels) == 1 and self.levels[0].rows == slice(1, len(self.branches))
+        edited = conditional if single else conditional.clone()
         for level in self.levels:  # parents before children: chains see edited parents
             maps = conditional[level.rows]
             if injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
@@ -329,6 +335,8 @@ class Controller:
                 maps = torch.lerp(maps, carried, level.alpha[self.step][:, None, None, :])
             if scaled:  # re-weighting: M* = c * M for the chosen words' tokens
                 maps = maps * level.scale[self.step][:, None, None, :]
+            if single:
+                return torch.cat([conditional[:1], maps])
             edited[level.rows] = maps
         return edited
 

@@ -234,12 +234,20 @@ def run(
     places = find_places(unet)
     scheduler = make_scheduler(pipe, recipe.scheduler)
     if record_self is not None:
-        cross_factors = sorted({p.factor for p in places.values() if not p.is_cross})
-        if record_self[1] not in cross_factors or not 0 <= record_self[0] < recipe.steps:
+        self_factors = sorted({p.factor for p in places.values() if not p.is_cross})
+        valid = (
+            isinstance(record_self, (tuple, list))
+            and len(record_self) == 2
+            and record_self[1] in self_factors
+            and isinstance(record_self[0], int)
+            and 0 <= record_self[0] < recipe.steps
+        )
+        if not valid:
             raise ValueError(
                 f"record_self is (step, factor) with step in 0..{recipe.steps - 1} and factor one of "
-                f"{', '.join(map(str, cross_factors))}, not {record_self!r}"
+                f"{', '.join(map(str, self_factors))}, not {record_self!r}"
             )
+        record_self = (int(record_self[0]), int(record_self[1]))
     if latents is None:
         latents = initial_noise(pipe, recipe.seed, height, width)
     expected = (1, unet.config.in_channels, *latent_size)
@@ -316,6 +324,7 @@ def edit(pipe: Any, prompt: str, *targets: Target | str, **settings: Any) -> Res
     ``settings`` are :class:`Recipe` fields (seed, steps, guidance, ...) and the keyword
     arguments of :func:`run` (record, callback, preview_every, cancel, record_self, latents).
     """
-    run_options = {k: settings.pop(k) for k in ("record", "callback", "preview_every", "cancel", "record_self", "latents") if k in settings}
+    options = ("record", "callback", "preview_every", "cancel", "record_self", "latents")
+    run_options = {name: settings.pop(name) for name in options if name in settings}
     recipe = Recipe(prompt, tuple(targets), **settings)
     return run(pipe, recipe, **run_options)

@@ -144,7 +144,8 @@ class P2PAttnProcessor:
         if first is not None:
             # Rows before ``first`` (the unconditional half) need no record or edit: SDPA.
             # The rest: explicit probabilities (batch, heads, pixels, tokens), fp32 softmax.
-            scores = torch.matmul(query[first:] * attn.scale, key[first:].transpose(-1, -2))
+            # the scale goes on the keys: the smallest operand (tokens x head_dim)
+            scores = torch.matmul(query[first:], (key[first:] * attn.scale).transpose(-1, -2))
             if attention_mask is not None:
                 scores = scores + attention_mask[first:]
             probs = self.handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))

@@ -108,7 +108,7 @@ def test_bad_specs_raise_clear_errors(make, error, message):
         ("a cat", [Target("a dog", blend=LocalBlend(("dog",), parent_words=("bird",)))], {}, "'bird' is not in 'a cat'"),
         ("a cat", [Target("a dog", preserve=("tree",))], {}, "'tree' is not in 'a dog'"),
         ("a cat", [Target("a dog", cross={"default_": 0.5, "fish": 0.2})], {}, "'fish' is not in"),
-        (" ".join(["cat"] * 80), [], {}, "shorten it by 5 tokens"),
+        (" ".join(["cat"] * 80), [], {}, "source prompt: .*shorten it by 5 tokens"),
         ("a cat", [" ".join(["dog"] * 76)], {}, "at most 75"),
         ("a cat", [], {"height": 33}, "height 33 is not a multiple of 2.*use 32 or 34"),
         ("a cat", [], {"width": 31}, "width 31 is not a multiple of 2"),
@@ -154,3 +154,16 @@ def test_saved_pngs_carry_the_recipe(sd1, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="neither a recipe JSON file nor a readable image"):
         read_recipe(tmp_path / "broken.png")
+
+
+@pytest.mark.parametrize("record_self", [(9, 1), (0, 3), (0,), "x"])
+def test_bad_self_attention_record_request(sd1, record_self):
+    with pytest.raises(ValueError, match=r"record_self is \(step, factor\)"):
+        edit(sd1, "a cat", steps=2, record_self=record_self)
+
+
+def test_errors_name_the_prompt_at_fault(sd1):
+    with pytest.raises(ValueError, match="target 2: the prompt is 80 tokens long"):
+        edit(sd1, "a cat", "a dog", " ".join(["cat"] * 80), steps=2)
+    with pytest.raises(ValueError, match="the source prompt: the prompt is 80 tokens"):
+        edit(sd1, " ".join(["cat"] * 80), steps=2)
