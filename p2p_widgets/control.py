@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .edits import Recipe, Target, Window
-from .processors import LayerPlace
+from .processors import LayerPlace, map_size
 from .prompts import Alignment, Prompt, align, tokenize
 from .record import AttentionRecord
 
@@ -175,6 +175,9 @@ class Controller:
         self.levels = [
             _Level(group, parents, mapping, alpha, scale, self.device) for group, parents in self.level_lists
         ]
+        # One depth of targets, all children of the source (the common case): edits need no
+        # copy of the whole batch, the source row is concatenated in front of the edited rows.
+        self.single_level = len(self.levels) == 1 and self.levels[0].rows == slice(1, len(self.branches))
 
     def _build_self(self, recipe: Recipe) -> None:
         count = len(self.branches)
@@ -194,13 +197,12 @@ class Controller:
 
     def _build_blend(self, recipe: Recipe) -> None:
         blended = [(i, b) for i, b in enumerate(self.branches) if b.target is not None and b.target.blend]
-        self.blend_targets = [i for i, _ in blended]
         if not blended:
             self.blend_factor = None
             return
         # Masks come from maps at about a quarter of the latent side (16x16 for SD at 512 px).
         wanted = min(self.latent_size) / 4
-        sides = {f: min(LayerPlace("", True, f).map_size(*self.latent_size)) for f in self.cross_factors}
+        sides = {f: min(map_size(self.latent_size, f)) for f in self.cross_factors}
         self.blend_factor = min(self.cross_factors, key=lambda f: (abs(math.log(sides[f] / wanted)), f))
         count = len(self.branches)
         own = torch.zeros(count, self.tokens)  # (branches, tokens): tokens of the blend words
@@ -232,7 +234,7 @@ class Controller:
         means = {f: self._sums[f] / self.cross_layers[f] for f in self._sums}  # (branches, pixels, tokens)
         if self.record:
             for factor, mean in means.items():
-                height, width = LayerPlace("", True, factor).map_size(*self.latent_size)
+                height, width = map_size(self.latent_size, factor)
                 self._history[factor].append(mean.reshape(mean.shape[0], height, width, -1).to(torch.float16))
         if self.blend_factor is None:
             return latents
@@ -245,7 +247,7 @@ class Controller:
         count = latents.shape[0]
         masks = torch.ones(count, *latents.shape[2:], dtype=torch.bool, device=latents.device)
         latents = latents.clone()
-        height, width = LayerPlace("", True, self.blend_factor).map_size(*self.latent_size)
+        height, width = map_size(self.latent_size, self.blend_factor)
         for group, parents in self.level_lists:
             for branch, parent in zip(group, parents):
                 if branch not in self.blend_spec or self.step < self.blend_start[branch]:
@@ -324,9 +326,7 @@ class Controller:
         injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
         if not (injected or scaled):
             return conditional
-        # One depth of targets, all children of the source (the common case): no copy of
-        # the whole batch, the source row is concatenated in front of the edited rows.
-        single = len(self.levels) == 1 and self.levels[0].rows == slice(1, len(self.branches))
+        single = self.single_level
         edited = conditional if single else conditional.clone()
         for level in self.levels:  # parents before children: chains see edited parents
             maps = conditional[level.rows]

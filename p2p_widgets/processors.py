@@ -25,7 +25,15 @@ from typing import Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LayerPlace", "find_places", "P2PAttnProcessor", "attached", "AttentionHandler"]
+__all__ = ["LayerPlace", "find_places", "map_size", "P2PAttnProcessor", "attached", "AttentionHandler"]
+
+
+def map_size(latent_size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(height, width) of a feature map after downsampling a latent ``factor`` times."""
+    height, width = latent_size
+    while factor > 1:  # each downsampler is a stride-2 convolution: ceil(n / 2)
+        height, width, factor = (height + 1) // 2, (width + 1) // 2, factor // 2
+    return height, width
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,7 @@ class LayerPlace:
 
     def map_size(self, latent_height: int, latent_width: int) -> tuple[int, int]:
         """(height, width) of this layer's feature map for a latent of the given size."""
-        height, width, factor = latent_height, latent_width, self.factor
-        while factor > 1:  # each downsampler is a stride-2 convolution: ceil(n / 2)
-            height, width, factor = (height + 1) // 2, (width + 1) // 2, factor // 2
-        return height, width
+        return map_size((latent_height, latent_width), self.factor)
 
 
 class AttentionHandler(Protocol):

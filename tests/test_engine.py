@@ -340,3 +340,12 @@ def test_self_attention_is_recorded_on_request(sd1):
     assert where == (1, 2)
     assert maps.shape == (2, 64, 64)  # branches, pixels, pixels at the 8x8 layer
     torch.testing.assert_close(maps.float().sum(-1), torch.ones(2, 64), atol=1e-2, rtol=0)
+
+
+def test_recording_off_still_edits_and_blends(sd1):
+    target = Target("a dog riding a bicycle", reweight={"dog": 2.0}, blend=LocalBlend(("dog",), threshold=0.95, dilation=0))
+    on = edit(sd1, "a cat riding a bicycle", target, steps=STEPS)
+    off = edit(sd1, "a cat riding a bicycle", target, steps=STEPS, record=False)
+    assert off.attention is None and on.attention is not None
+    assert torch.equal(off.blend_masks, on.blend_masks)
+    torch.testing.assert_close(off.latents, on.latents, **TIGHT)
