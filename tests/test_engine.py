@@ -79,7 +79,7 @@ def test_equal_prompts_with_full_injection_reproduce_the_source(request, kind):
     result = edit(
         pipe, "a cat riding a bicycle", full_injection("a cat riding a bicycle"), steps=STEPS, self_max_scale=1.0
     )
-    torch.testing.assert_close(result.latents[1], result.latents[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.latents[1], result.latents[0], **TIGHT)
 
 
 def test_self_injection_runs_only_in_the_allowed_layers(sd1):

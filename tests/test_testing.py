@@ -113,6 +113,10 @@ def test_bos_eos_and_padding(tok):
 
 def test_offsets_mapping(tok):
     text = "A cat riding a bicycle"
+    if not tok.is_fast:  # transformers 4's CLIPTokenizer is the Python one: no offsets
+        with pytest.raises(NotImplementedError):
+            tok(text, return_offsets_mapping=True)
+        return
     enc = tok(text, return_offsets_mapping=True)
     spans = [text[s:e] for s, e in enc.offset_mapping[1:-1]]
     assert spans == ["A", "cat", "riding", "a", "bicy", "cle"]
