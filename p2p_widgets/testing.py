@@ -12,21 +12,16 @@ such a pipeline makes are noise, but every code path of a real Stable Diffusion 
 
 from __future__ import annotations
 
-import json
-import tempfile
-from functools import lru_cache
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .tokenizer import word_tokenizer
+
 __all__ = ["MULTI_TOKEN_WORDS", "TINY_WORDS", "tiny_pipeline", "tiny_tokenizer"]
 
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_EOW = "</w>"  # CLIP's end-of-word suffix
 _M = TypeVar("_M", bound=torch.nn.Module)
 
 #: Everyday prompt words that the tiny tokenizer encodes as exactly one token (``word</w>``).
@@ -52,74 +47,6 @@ _MULTI_TOKEN_PIECES: dict[str, tuple[str, ...]] = {
 MULTI_TOKEN_WORDS: dict[str, int] = {w: len(p) for w, p in _MULTI_TOKEN_PIECES.items()}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode character table (all 256 bytes)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    # Same order as CLIP's vocabulary: printable bytes first, then the remapped ones.
-    return {b: table[b] for b in printable + [b for b in range(256) if b not in printable]}
-
-
-def _symbols(text: str, *, final: bool) -> list[str]:
-    """Initial BPE symbols of ``text``; the last carries ``</w>`` if ``text`` ends a word."""
-    table = _bytes_to_unicode()
-    symbols = [table[b] for b in text.encode("utf-8")]
-    if final:
-        symbols[-1] += _EOW
-    return symbols
-
-
-def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Merge adjacent pairs by rank (lowest first, leftmost on ties) until none applies."""
-    symbols = list(symbols)
-    while len(symbols) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
-        if rank == len(ranks):
-            break
-        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-    return symbols
-
-
-@lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """Generate the tiny vocabulary and merge list (checked against the intended token counts).
-
-    Every target is reduced to one symbol by appending merges, left to right, on top of
-    what the merges so far already do to it.  A merge appended at the lowest priority
-    cannot change how an already single-token target tokenizes, so targets never break
-    each other; the multi-token words are re-checked as a whole at the end.
-    """
-    ranks: dict[tuple[str, str], int] = {}
-    targets = [_symbols(w, final=True) for w in TINY_WORDS]
-    for pieces in _MULTI_TOKEN_PIECES.values():
-        targets += [_symbols(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
-    for target in targets:
-        while len(current := _apply_bpe(target, ranks)) > 1:
-            ranks[(current[0], current[1])] = len(ranks)
-
-    for word in TINY_WORDS:
-        if _apply_bpe(_symbols(word, final=True), ranks) != [word + _EOW]:
-            raise RuntimeError(f"tiny tokenizer: {word!r} is not a single token")
-    for word, pieces in _MULTI_TOKEN_PIECES.items():
-        want = [*pieces[:-1], pieces[-1] + _EOW]
-        if _apply_bpe(_symbols(word, final=True), ranks) != want:
-            raise RuntimeError(f"tiny tokenizer: {word!r} does not split as {want}")
-
-    base = list(_bytes_to_unicode().values())
-    # CLIP's layout: bytes, bytes + "</w>", merge results in rank order, then bos, eos.
-    tokens = [*base, *(c + _EOW for c in base), *(a + b for a, b in ranks), _BOS, _EOS]
-    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, tuple(ranks)
-
-
 def tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A fresh, real ``CLIPTokenizer`` over a generated ~750-token byte-level BPE vocabulary.
 
@@ -127,20 +54,7 @@ def tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     each word of :data:`MULTI_TOKEN_WORDS` the stated number.  bos = ``<|startoftext|>``,
     eos = pad = ``<|endoftext|>`` (the last two ids), ``model_max_length = max_length``.
     """
-    vocab, merges = _vocab_and_merges()
-    with tempfile.TemporaryDirectory(prefix="p2p_tiny_tokenizer_") as tmp:
-        root = Path(tmp)
-        (root / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-        (root / "merges.txt").write_text(merges_txt, encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(
-            tmp,
-            model_max_length=max_length,
-            bos_token=_BOS,
-            eos_token=_EOS,
-            unk_token=_EOS,
-            pad_token=_EOS,
-        )
+    return word_tokenizer(TINY_WORDS, _MULTI_TOKEN_PIECES, max_length)
 
 
 def _prepare(module: _M, dtype: torch.dtype) -> _M:

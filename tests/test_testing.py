@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import p2p_widgets.testing as tiny
+import p2p_widgets.tokenizer as word_tokenizers
 from p2p_widgets.testing import MULTI_TOKEN_WORDS, TINY_WORDS, tiny_pipeline, tiny_tokenizer
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -64,7 +65,7 @@ def test_documented_splits(tok):
 
 
 def test_byte_level_base_vocabulary(tok):
-    table = tiny._bytes_to_unicode()
+    table = word_tokenizers._bytes_to_unicode()
     assert sorted(table) == list(range(256))
     assert len(set(table.values())) == 256
     assert all(table[ord(c)] == c for c in string.ascii_letters + string.digits + string.punctuation)
@@ -78,7 +79,7 @@ def test_byte_level_base_vocabulary(tok):
 
 
 def test_every_merge_result_is_in_the_vocabulary():
-    vocab, merges = tiny._vocab_and_merges()
+    vocab, merges = word_tokenizers._vocab_and_merges(TINY_WORDS, tuple(sorted(tiny._MULTI_TOKEN_PIECES.items())))
     assert len(set(merges)) == len(merges)
     assert all(a in vocab and b in vocab and a + b in vocab for a, b in merges)
     assert sorted(vocab.values()) == list(range(len(vocab)))
@@ -152,7 +153,7 @@ def test_generated_files(monkeypatch):
                     seen[name] = f.read()
             return CLIPTokenizer.from_pretrained(path, *args, **kwargs)
 
-    monkeypatch.setattr(tiny, "CLIPTokenizer", Spy)
+    monkeypatch.setattr(word_tokenizers, "CLIPTokenizer", Spy)
     tiny_tokenizer()
     assert set(seen) == {"vocab.json", "merges.txt"}
     lines = seen["merges.txt"].splitlines()
@@ -269,3 +270,16 @@ def test_dtype(dtype):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         tiny_pipeline("sdxl")
+
+
+def test_word_tokenizer_makes_any_word_list_single_tokens():
+    from p2p_widgets.shapes import vocabulary
+    from p2p_widgets.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(vocabulary(), max_length=16)
+    for word in vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    assert len(tok("zebra", add_special_tokens=False).input_ids) > 1  # unknown words still tokenize
+    assert tok.model_max_length == 16
+    with pytest.raises(ValueError, match="does not split as"):
+        word_tokenizer(("cat",), {"bicycle": ("bi", "cycles")})
