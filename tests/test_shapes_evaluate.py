@@ -1,0 +1,55 @@
+"""The evaluation's measurements, checked on rendered scenes whose truth is known."""
+
+import numpy as np
+
+from p2p_widgets.shapes import ObjectWords, SceneWords, caption, place, render
+from p2p_widgets.shapes.evaluate import _correct, _dilate, _find, _iou, _psnr, _upsample, _word_indices
+
+SCENE = SceneWords(
+    (ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black"
+)
+
+
+def rendered(words=SCENE, seed=0):
+    return render(place(words, np.random.default_rng(seed)))
+
+
+def test_word_indices_point_at_the_caption_words():
+    words = caption(SCENE).split()
+    for obj, index in zip(SCENE.objects, _word_indices(SCENE)):
+        assert words[index["color"]] == obj.color
+        assert words[index["shape"]] == obj.shape
+        assert words[index["size"]] == obj.size
+
+
+def test_the_prompted_objects_are_found_with_their_true_masks():
+    scene = rendered()
+    masks = _correct(scene.image, SCENE)
+    assert masks is not None
+    for found, truth in zip(masks, scene.masks):
+        assert _iou(found, truth) > 0.9
+
+
+def test_wrong_colour_shape_or_count_is_not_correct():
+    scene = rendered()
+    wrong_shape = SceneWords((ObjectWords("star", "red", "big", "striped"), SCENE.objects[1]), "black")
+    wrong_color = SceneWords((ObjectWords("circle", "green", "big", "striped"), SCENE.objects[1]), "black")
+    one_object = SceneWords(SCENE.objects[:1], "black")
+    for words in (wrong_shape, wrong_color, one_object):
+        assert _correct(scene.image, words) is None
+    assert _find(scene.image, "green") is None
+
+
+def test_psnr_outside_a_mask_ignores_what_changed_inside():
+    scene = rendered()
+    changed = scene.image.copy()
+    changed[scene.masks[1]] = (0, 255, 0)
+    outside = ~_dilate(scene.masks[1], 2)
+    assert _psnr(scene.image, changed, outside) == float("inf")
+    assert _psnr(scene.image, changed, np.ones_like(outside)) < 20
+
+
+def test_heatmaps_upsample_to_the_image():
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    big = _upsample(heat, 16)
+    assert big.shape == (16, 16) and big[15, 15] == 15 and big[0, 3] == 0
