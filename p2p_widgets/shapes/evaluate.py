@@ -73,12 +73,18 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _objects(image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """The objects found in an image, by colour (the largest of each colour), and their count."""
+    masks = object_masks_from_pixels(image)
+    by_color: dict[str, np.ndarray] = {}
+    for mask in masks:  # largest first
+        by_color.setdefault(classify_color(image, mask), mask)
+    return by_color, len(masks)
+
+
 def _find(image: np.ndarray, color: str) -> np.ndarray | None:
     """The largest object of ``color`` in the image, or None."""
-    for mask in object_masks_from_pixels(image):
-        if classify_color(image, mask) == color:
-            return mask
-    return None
+    return _objects(image)[0].get(color)
 
 
 def _word_indices(words: SceneWords) -> list[dict[str, int]]:
@@ -93,12 +99,12 @@ def _word_indices(words: SceneWords) -> list[dict[str, int]]:
 
 def _correct(image: np.ndarray, words: SceneWords) -> list[np.ndarray] | None:
     """The objects' masks if exactly the prompted objects are there, else None."""
-    found = object_masks_from_pixels(image)
-    if len(found) != len(words.objects):
+    by_color, count = _objects(image)
+    if count != len(words.objects):
         return None
     masks = []
     for obj in words.objects:
-        mask = _find(image, obj.color)
+        mask = by_color.get(obj.color)
         if mask is None or classify_shape(mask) != obj.shape:
             return None
         masks.append(mask)
