@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -326,5 +326,12 @@ def edit(pipe: Any, prompt: str, *targets: Target | str, **settings: Any) -> Res
     """
     options = ("record", "callback", "preview_every", "cancel", "record_self", "latents")
     run_options = {name: settings.pop(name) for name in options if name in settings}
+    known = {f.name for f in fields(Recipe)} - {"prompt", "targets", "version"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(
+            f"edit() got unknown setting(s) {', '.join(unknown)}; recipe settings: {', '.join(sorted(known))}; "
+            f"run options: {', '.join(options)}"
+        )
     recipe = Recipe(prompt, tuple(targets), **settings)
     return run(pipe, recipe, **run_options)

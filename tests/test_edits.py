@@ -167,3 +167,8 @@ def test_errors_name_the_prompt_at_fault(sd1):
         edit(sd1, "a cat", "a dog", " ".join(["cat"] * 80), steps=2)
     with pytest.raises(ValueError, match="the source prompt: the prompt is 80 tokens"):
         edit(sd1, " ".join(["cat"] * 80), steps=2)
+
+
+def test_unknown_settings_list_the_known_ones(sd1):
+    with pytest.raises(TypeError, match="unknown setting.*stepz.*recipe settings:.*steps.*run options:.*callback"):
+        edit(sd1, "a cat", stepz=3)
