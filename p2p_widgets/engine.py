@@ -214,7 +214,9 @@ def run(
             and raises :class:`Cancelled`.
         record_self: ``(step, factor)``: also keep the self-attention maps of that step
             at that resolution (for the self-attention components view).
-        latents: x_T for one branch, (1, channels, h, w); default: from ``recipe.seed``.
+        latents: x_T for one branch, (1, channels, h, w); default: from ``recipe.seed``
+            (given latents are not part of the recipe: it reproduces the run only if they
+            equal ``initial_noise(pipe, recipe.seed, height, width)``).
 
     Raises:
         ValueError / TypeError: bad input, before the pipeline is touched.
