@@ -5,7 +5,7 @@ import json
 import torch
 from diffusers import StableDiffusionPipeline
 
-from p2p_widgets import Target, edit
+from p2p_widgets import edit
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.model import ModelConfig, build_pipeline
 from p2p_widgets.shapes.train import TrainConfig, _images, train
