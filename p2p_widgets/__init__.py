@@ -4,8 +4,9 @@
 >>> result = edit(pipe, "a cat riding a bicycle", Target("a dog riding a bicycle"))
 >>> result.images  # source first, then every target
 
-The widget panel is imported lazily (``p2p_widgets.panel``), so the library works
-without a notebook.
+Pictures of a run (heatmaps, overlays, grids, galleries) are in ``p2p_widgets.plot``,
+imported on first use (it loads matplotlib). The widget panel is imported lazily
+(``p2p_widgets.panel``), so the library works without a notebook.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .edits import CrossWindow, LocalBlend, Recipe, Target, Window
 from .engine import Cancelled, Progress, Result, edit, run
 from .files import read_recipe, save_result
 from .prompts import Alignment, Prompt, Word, align, infer_kind, tokenize
-from .record import AttentionRecord
+from .record import AttentionRecord, Heatmaps, Maps, normalize
 
 __all__ = [
     "__version__",
@@ -32,6 +33,9 @@ __all__ = [
     "Progress",
     "Cancelled",
     "AttentionRecord",
+    "Heatmaps",
+    "Maps",
+    "normalize",
     "Branch",
     "Controller",
     "plan_branches",
@@ -44,3 +48,11 @@ __all__ = [
     "save_result",
     "read_recipe",
 ]
+
+
+def __getattr__(name: str):
+    if name == "plot":  # matplotlib is loaded only when pictures are asked for
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module 'p2p_widgets' has no attribute {name!r}")

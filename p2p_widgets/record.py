@@ -9,17 +9,20 @@ the official code, so a target's map of a swapped word shows where that word att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .processors import map_size
 from .prompts import Prompt
 
-__all__ = ["AttentionRecord", "StepsLike"]
+__all__ = ["AttentionRecord", "Heatmaps", "Maps", "Normalize", "StepsLike", "normalize"]
 
 StepsLike = int | slice | tuple[int, int] | None
+Normalize = Literal["map", "words"] | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AttentionRecord:
     layers: dict[int, int]
     timesteps: tuple[int, ...]
     self_maps: tuple[tuple[int, int], torch.Tensor] | None = None
+    _heatmaps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -55,6 +59,21 @@ class AttentionRecord:
 
     def map_size(self, factor: int) -> tuple[int, int]:
         return tuple(self.maps[self._factor(factor)].shape[2:4])  # type: ignore[return-value]
+
+    def heatmaps(self, branch: int, factor: int | None = None) -> Heatmaps:
+        """Every step's token maps of one branch, computed once and kept (see :class:`Heatmaps`).
+
+        ``factor``: one resolution (its downsampling factor), or None to aggregate all
+        resolutions at the latent size.
+        """
+        if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < len(self.prompts):
+            raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{len(self.prompts) - 1}")
+        if factor is not None:
+            self._factor(factor)
+        key = (int(branch), factor)
+        if key not in self._heatmaps:
+            self._heatmaps[key] = Heatmaps(self, int(branch), factor)
+        return self._heatmaps[key]
 
     def token_maps(
         self,
@@ -70,26 +89,7 @@ class AttentionRecord:
         to aggregate all resolutions, each upsampled to the latent size and weighted by
         its number of layers (so every layer counts once).
         """
-        if not 0 <= branch < len(self.prompts):
-            raise ValueError(f"branch {branch} does not exist; this run has branches 0..{len(self.prompts) - 1}")
-        length = self.maps[self.factors[0]].shape[-1]
-        for token in tokens:
-            if not 0 <= token < length:
-                raise ValueError(f"token position {token} was not recorded (recorded: 0..{length - 1})")
-        selection = self._steps(steps)
-        index = torch.as_tensor(list(tokens), dtype=torch.long)
-        if factor is not None:
-            maps = self.maps[self._factor(factor)][selection, branch].float()  # (steps, h, w, tokens)
-            return maps.index_select(-1, index).mean(0).permute(2, 0, 1)
-        total, weight = None, 0
-        for f, maps in self.maps.items():
-            chosen = maps[selection, branch].float().index_select(-1, index).mean(0)  # (h, w, tokens)
-            chosen = chosen.permute(2, 0, 1)[None]  # (1, tokens, h, w)
-            if chosen.shape[-2:] != self.latent_size:
-                chosen = F.interpolate(chosen, size=self.latent_size, mode="bilinear", align_corners=False)
-            total = chosen[0] * self.layers[f] if total is None else total + chosen[0] * self.layers[f]
-            weight += self.layers[f]
-        return total / weight
+        return torch.from_numpy(self.heatmaps(branch, factor).token_maps(tokens, steps))
 
     def word_map(
         self,
@@ -103,10 +103,39 @@ class AttentionRecord:
         Raises:
             ValueError: the word is not in the branch's prompt (the message lists its words).
         """
-        if not 0 <= branch < len(self.prompts):
-            raise ValueError(f"branch {branch} does not exist; this run has branches 0..{len(self.prompts) - 1}")
-        tokens = self.prompts[branch].token_indices(word)
-        return self.token_maps(branch, tokens, steps, factor).mean(0).numpy()
+        return self.heatmaps(branch, factor).word_map(word, steps)
+
+    def self_components(self, branch: int, count: int = 6) -> np.ndarray:
+        """Top principal components of the recorded self-attention: (count, h, w) float32.
+
+        As the official ``show_self_attention_comp``: the (pixels, pixels) self-attention
+        matrix of the step and resolution given to ``run(record_self=(step, factor))``,
+        each row centred, then the right singular vectors of the largest singular values,
+        each a map over the pixels. A singular vector's sign is arbitrary; each is flipped
+        so its largest-magnitude entry is positive.
+
+        Raises:
+            ValueError: self-attention was not recorded, or ``count`` is out of range.
+        """
+        if self.self_maps is None:
+            raise ValueError(
+                "this run recorded no self-attention; run it with record_self=(step, factor), "
+                "e.g. run(pipe, recipe, record_self=(25, 2))"
+            )
+        if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < len(self.prompts):
+            raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{len(self.prompts) - 1}")
+        (_, factor), probabilities = self.self_maps
+        height, width = map_size(self.latent_size, factor)
+        pixels = height * width
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= pixels:
+            raise ValueError(f"count is the number of components, 1..{pixels} at this resolution, not {count!r}")
+        matrix = probabilities[branch].double()  # (pixels, pixels): row = query pixel
+        centred = matrix - matrix.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # rows of vh: components over key pixels
+        components = vh[:count]
+        peak = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
+        components = components * torch.sign(peak)
+        return components.reshape(count, height, width).float().numpy()
 
     def _factor(self, factor: int) -> int:
         if factor not in self.maps:
@@ -117,21 +146,182 @@ class AttentionRecord:
             )
         return factor
 
-    def _steps(self, steps: StepsLike) -> slice | list[int]:
-        total = self.steps
-        if steps is None:
-            return slice(None)
-        if isinstance(steps, slice):
-            chosen = list(range(total))[steps]
-        elif isinstance(steps, tuple):
-            start, end = steps
-            chosen = list(range(max(start, 0), min(end, total)))
-        elif isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
-            if not -total <= steps < total:
-                raise ValueError(f"step {steps} does not exist; this run has steps 0..{total - 1}")
-            chosen = [int(steps) % total]
-        else:
-            raise TypeError(f"steps is a step index, a (start, end) pair, a slice or None, not {steps!r}")
+
+def select_steps(steps: StepsLike, total: int) -> list[int]:
+    """Step indices chosen by ``steps`` (see :meth:`AttentionRecord.token_maps`)."""
+    if steps is None:
+        return list(range(total))
+    if isinstance(steps, slice):
+        chosen = list(range(total))[steps]
+    elif isinstance(steps, tuple) and len(steps) == 2 and all(isinstance(v, (int, np.integer)) for v in steps):
+        start, end = steps
+        chosen = list(range(max(int(start), 0), min(int(end), total)))
+    elif isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+        if not -total <= steps < total:
+            raise ValueError(f"step {steps} does not exist; this run has steps 0..{total - 1}")
+        chosen = [int(steps) % total]
+    else:
+        raise TypeError(f"steps is a step index, a (start, end) pair, a slice or None, not {steps!r}")
+    if not chosen:
+        raise ValueError(f"the step range {steps!r} selects no step; this run has steps 0..{total - 1}")
+    return chosen
+
+
+def normalize(maps: np.ndarray, how: Normalize) -> np.ndarray:
+    """Scale maps of shape (..., n, h, w) for display, as float32.
+
+    ``how``: ``"map"`` stretches each map to [0, 1] by its own minimum and maximum (where a
+    word attends, whatever its strength); ``"words"`` stretches all n maps by their joint
+    minimum and maximum (so words compare); None leaves attention probabilities as they
+    are. A constant map (or a constant set, for ``"words"``) becomes all zeros: it says
+    nothing about where the word is.
+    """
+    if how not in ("map", "words", None):
+        raise ValueError(f'normalize is "map", "words" or None, not {how!r}')
+    maps = np.asarray(maps, dtype=np.float32)
+    if how is None:
+        return maps.copy()
+    axes = (-2, -1) if how == "map" else (-3, -2, -1)
+    low = maps.min(axis=axes, keepdims=True)
+    span = maps.max(axis=axes, keepdims=True) - low
+    flat = span <= 1e-12 * np.maximum(np.abs(low), 1.0)
+    return np.where(flat, 0.0, (maps - low) / np.where(flat, 1.0, span)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Labelled maps, e.g. one per word: ``labels[i]`` names ``maps[i]`` (n, h, w) float32."""
+
+    labels: tuple[str, ...]
+    maps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, label: str) -> np.ndarray:
+        """The map of the first entry with this label."""
+        if label not in self.labels:
+            raise KeyError(f"{label!r} is not among the maps; they are: {', '.join(self.labels)}")
+        return self.maps[self.labels.index(label)]
+
+
+class Heatmaps:
+    """Every step's token maps of one branch, at one size, computed once.
+
+    Built by :meth:`AttentionRecord.heatmaps`. Holds ``per_step``: (steps, tokens, h, w)
+    float32 for the prompt's real tokens (begin-of-text .. end-of-text), either at one
+    recorded resolution or, with ``factor=None``, all resolutions upsampled (bilinear) to
+    the latent size and averaged with one vote per layer. Means over step ranges, words and
+    normalisation are then cheap numpy reductions, fast enough for a timestep slider.
+
+    Values are attention probabilities: at every pixel the maps of all tokens, padding
+    included, sum to 1, so the maps kept here sum to at most 1 (begin-of-text usually
+    takes most of it).
+    """
+
+    def __init__(self, record: AttentionRecord, branch: int, factor: int | None = None) -> None:
+        self.prompt = record.prompts[branch]
+        self.branch, self.factor, self.timesteps = branch, factor, record.timesteps
+        tokens = self.prompt.length
+        factors = record.factors if factor is None else (factor,)
+        size = record.latent_size if factor is None else record.map_size(factor)
+        total = None
+        for f in factors:
+            maps = record.maps[f][:, branch, :, :, :tokens].float().permute(0, 3, 1, 2)  # (steps, tokens, h, w)
+            if tuple(maps.shape[-2:]) != tuple(size):
+                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            weighted = maps * (record.layers[f] if factor is None else 1)
+            total = weighted if total is None else total + weighted
+        weight = sum(record.layers[f] for f in factors) if factor is None else 1
+        self.per_step = (total / weight).numpy()  # (steps, tokens, h, w)
+
+    @property
+    def steps(self) -> int:
+        return self.per_step.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of every map."""
+        return tuple(self.per_step.shape[-2:])  # type: ignore[return-value]
+
+    def token_maps(self, tokens: list[int] | tuple[int, ...], steps: StepsLike = None) -> np.ndarray:
+        """Maps of token positions, averaged over ``steps``: (len(tokens), h, w) float32."""
+        length = self.prompt.length
+        for token in tokens:
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < length:
+                raise ValueError(
+                    f"token position {token!r} is not in the prompt {self.prompt.text!r}; "
+                    f"its positions are 0 (begin-of-text) .. {length - 1} (end-of-text)"
+                )
+        chosen = select_steps(steps, self.steps)
+        if len(chosen) == 1:
+            return self.per_step[chosen[0]][list(tokens)].copy()
+        return self.per_step[chosen][:, list(tokens)].mean(0)
+
+    def word_map(self, word: str | int, steps: StepsLike = None) -> np.ndarray:
+        """A word's map, the mean of its tokens' maps: (h, w) float32, probabilities.
+
+        ``word``: its index in the prompt, or its text (every occurrence; a phrase of
+        several words is one map of all their tokens).
+        """
+        return self.token_maps(self.prompt.token_indices(word), steps).mean(0)
+
+    def word_steps(self, word: str | int) -> np.ndarray:
+        """A word's map at every step: (steps, h, w) float32."""
+        tokens = list(self.prompt.token_indices(word))
+        return self.per_step[:, tokens].mean(1)
+
+    def words(
+        self,
+        words: list[str | int] | tuple[str | int, ...] | None = None,
+        steps: StepsLike = None,
+        normalize: Normalize = "map",
+    ) -> Maps:
+        """Maps of several words, labelled: by default every word of the prompt in order."""
+        chosen = list(range(len(self.prompt.words))) if words is None else list(words)
         if not chosen:
-            raise ValueError(f"the step range {steps!r} selects no step; this run has steps 0..{total - 1}")
-        return chosen
+            raise ValueError("no word chosen; pass word texts or indices, or None for every word")
+        selection = select_steps(steps, self.steps)
+        per_step = self.per_step[selection].mean(0)  # (tokens, h, w)
+        maps, labels = [], []
+        for word in chosen:
+            tokens = list(self.prompt.token_indices(word))
+            maps.append(per_step[tokens].mean(0))
+            labels.append(self.prompt.words[word].text if isinstance(word, (int, np.integer)) else str(word))
+        return Maps(tuple(labels), _normalize(np.stack(maps), normalize))
+
+    def tokens(
+        self,
+        tokens: list[int] | tuple[int, ...] | None = None,
+        steps: StepsLike = None,
+        normalize: Normalize = "map",
+        special: bool = True,
+    ) -> Maps:
+        """Maps of token positions, labelled; by default every token, with begin- and
+        end-of-text only if ``special``. A word split into several tokens labels them
+        ``word[1/2]``, ``word[2/2]``."""
+        if tokens is None:
+            tokens = range(0 if special else 1, self.prompt.length if special else self.prompt.eos)
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("no token chosen; pass token positions, or None for every token")
+        maps = self.token_maps(tokens, steps)
+        return Maps(tuple(self.token_label(t) for t in tokens), _normalize(maps, normalize))
+
+    def token_label(self, position: int) -> str:
+        """A readable name for a token position."""
+        if position == 0:
+            return "<start>"
+        if position == self.prompt.eos:
+            return "<end>"
+        if position > self.prompt.eos:
+            return "<pad>"
+        for word in self.prompt.words:
+            if word.start <= position < word.end:
+                if word.end - word.start == 1:
+                    return word.text
+                return f"{word.text}[{position - word.start + 1}/{word.end - word.start}]"
+        return f"#{position}"
+
+
+_normalize = normalize  # the methods' keyword argument shadows the function
