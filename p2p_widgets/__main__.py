@@ -2,6 +2,7 @@
 
 Generates the source and its edits in one batch and saves PNGs that carry their
 recipe, plus the recipe as JSON. ``--recipe FILE`` re-runs a saved recipe (JSON or PNG).
+``--heatmaps`` also saves every branch's word heatmaps (all steps) and a captioned gallery.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
     edit.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     edit.add_argument("--out", default="out", help="folder for the images (default: out)")
+    edit.add_argument("--heatmaps", action="store_true", help="also save word heatmaps and a gallery")
     return parser
 
 
@@ -52,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in save_result(result, args.out):
         print(path)
+    if args.heatmaps:
+        from pathlib import Path
+
+        from . import plot
+
+        out = Path(args.out)
+        pictures = {"p2p_gallery.png": plot.gallery_image(result)}
+        for branch in range(len(result.images)):
+            pictures[f"p2p_{branch}_words.png"] = plot.word_grid_image(result, branch)
+        for name, picture in pictures.items():
+            picture.save(out / name)
+            print(out / name)
     return 0
 
 

@@ -1,0 +1,32 @@
+"""The command line, as the README's Quick start uses it."""
+
+from PIL import Image
+
+from p2p_widgets import read_recipe
+from p2p_widgets.__main__ import main
+
+
+def test_edit_saves_images_recipe_and_heatmaps(tmp_path, capsys):
+    code = main(["edit", "a cat riding a bicycle", "a dog riding a bicycle", "--steps", "2", "--out", str(tmp_path), "--heatmaps"])
+    assert code == 0
+    names = {"p2p_0.png", "p2p_1.png", "p2p.json", "p2p_gallery.png", "p2p_0_words.png", "p2p_1_words.png"}
+    assert names <= {path.name for path in tmp_path.iterdir()}
+    assert read_recipe(tmp_path / "p2p_1.png").targets[0].prompt == "a dog riding a bicycle"
+    # a word grid of 5 words is wider than the gallery of 2 images
+    assert Image.open(tmp_path / "p2p_1_words.png").width > Image.open(tmp_path / "p2p_gallery.png").width
+    printed = capsys.readouterr().out.split()
+    assert str(tmp_path / "p2p_gallery.png") in printed
+
+
+def test_rerunning_a_saved_recipe_gives_the_same_image(tmp_path):
+    assert main(["edit", "a red cat", "a blue cat", "--steps", "2", "--seed", "4", "--out", str(tmp_path / "a")]) == 0
+    assert main(["edit", "--recipe", str(tmp_path / "a" / "p2p_1.png"), "--out", str(tmp_path / "b")]) == 0
+    first, again = (Image.open(tmp_path / run / "p2p_1.png").tobytes() for run in ("a", "b"))
+    assert first == again
+
+
+def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    assert main(["edit", "--out", str(tmp_path)]) == 2
+    assert "give a source prompt" in capsys.readouterr().err
+    assert main(["edit", "a cat", "a dog", "--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "steps" in capsys.readouterr().err
