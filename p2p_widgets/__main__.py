@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import plot
 
         out = Path(args.out)
-        pictures = {"p2p_gallery.png": plot.gallery_image(result)}
+        pictures = {"p2p_gallery.png": plot.gallery(result).image()}
         for branch in range(len(result.images)):
-            pictures[f"p2p_{branch}_words.png"] = plot.word_grid_image(result, branch)
+            pictures[f"p2p_{branch}_words.png"] = plot.word_grid(result, branch).image()
         for name, picture in pictures.items():
             picture.save(out / name)
             print(out / name)

@@ -1,9 +1,10 @@
 """Pictures of a run: heatmaps, overlays, word grids, filmstrips, masks, galleries.
 
 Everything takes plain values (a :class:`~p2p_widgets.engine.Result`, numpy arrays, PIL
-images) and returns PIL images (``as_array=True``: uint8 numpy arrays of shape
-(height, width, 3)) or matplotlib figures built without pyplot, so no global matplotlib
-state is touched and nothing is shown unless the caller displays it. Sizes given as
+images). Single pictures come back as PIL images (``as_array=True``: uint8 numpy arrays
+of shape (height, width, 3)); views of several pictures (word grids, filmstrips,
+galleries) as :class:`Tiles`, which draw themselves as one PIL image or as a matplotlib
+figure built without pyplot, so no global matplotlib state is touched. Sizes given as
 pairs are (height, width); PIL's ``.size`` is (width, height) and is converted here.
 
 The fast path is :class:`Scrubber`: it quantises every step's word maps once, so that
@@ -13,7 +14,9 @@ word, all in PIL's C code (about 1.5 ms per 512x512 overlay on one CPU core).
 
 from __future__ import annotations
 
+import io
 import textwrap
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,20 +30,17 @@ from .record import normalize as normalize_maps  # the functions' `normalize` ar
 
 __all__ = [
     "Scrubber",
+    "Tiles",
     "blend_mask",
     "colorize",
     "difference",
     "filmstrip",
-    "filmstrip_image",
     "gallery",
-    "gallery_image",
     "overlay",
     "palette",
     "self_attention",
-    "self_attention_image",
     "tile_images",
     "word_grid",
-    "word_grid_image",
 ]
 
 ImageLike = Image.Image | np.ndarray
@@ -157,7 +157,7 @@ def _size(size: Any) -> tuple[int, int]:
     if (
         not isinstance(size, (tuple, list))
         or len(size) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+        or not all(_is_int(v) and v > 0 for v in size)
     ):
         raise ValueError(f"size is (height, width) in pixels, not {size!r}")
     return int(size[0]), int(size[1])
@@ -230,14 +230,23 @@ class Scrubber:
 
 
 # -- run helpers ----------------------------------------------------------------------
-def _record_and_image(result: Any, branch: int) -> tuple[AttentionRecord, Image.Image]:
-    record = getattr(result, "attention", None)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _images_of(result: Any) -> tuple[Image.Image, ...]:
     images = getattr(result, "images", None)
     if images is None:
         raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
+    return tuple(images)
+
+
+def _record_and_image(result: Any, branch: int) -> tuple[AttentionRecord, Image.Image]:
+    images = _images_of(result)
+    record = getattr(result, "attention", None)
     if record is None:
         raise ValueError("this run kept no attention record; run it again with record=True (the default)")
-    if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < len(images):
+    if not _is_int(branch) or not 0 <= branch < len(images):
         raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{len(images) - 1}")
     return record, images[int(branch)].convert("RGB")
 
@@ -253,34 +262,6 @@ def _step_title(heatmaps: Heatmaps, steps: StepsLike) -> str:
     return f"{len(chosen)} of {heatmaps.steps} steps"
 
 
-def _word_tiles(
-    result: Any,
-    branch: int,
-    words: Sequence[str | int] | None,
-    steps: StepsLike,
-    factor: int | None,
-    normalize: Normalize,
-    tokens: bool,
-    on_image: bool,
-    alpha: float,
-    cmap: str | Colormap,
-) -> tuple[list[Image.Image], tuple[str, ...], str]:
-    record, image = _record_and_image(result, branch)
-    heatmaps = record.heatmaps(branch, factor)
-    if tokens:
-        if words is not None:
-            raise ValueError("with tokens=True the grid shows every token; leave words=None")
-        maps = heatmaps.tokens(steps=steps, normalize=normalize)
-    else:
-        maps = heatmaps.words(words, steps=steps, normalize=normalize)
-    if on_image:
-        tiles = [overlay(image, m, alpha=alpha, cmap=cmap, normalize=None) for m in maps.maps]
-    else:
-        tiles = [colorize(m, size=(image.height, image.width), cmap=cmap, normalize=None) for m in maps.maps]
-    title = f'"{heatmaps.prompt.text}", {_step_title(heatmaps, steps)}'
-    return tiles, maps.labels, title
-
-
 def word_grid(
     result: Any,
     branch: int = 0,
@@ -293,71 +274,20 @@ def word_grid(
     alpha: float = 0.5,
     cmap: str | Colormap = "jet",
     columns: int | None = None,
-    fig: Figure | None = None,
-) -> Figure:
-    """Every word's heatmap (``tokens=True``: every token, begin/end-of-text included) as a
-    labelled matplotlib figure, overlaid on the image unless ``on_image=False`` (the
-    paper's fig. 4 and the official ``show_cross_attention``)."""
-    tiles, labels, title = _word_tiles(result, branch, words, steps, factor, normalize, tokens, on_image, alpha, cmap)
-    return _figure(tiles, labels, title, columns, fig)
-
-
-def word_grid_image(
-    result: Any,
-    branch: int = 0,
-    words: Sequence[str | int] | None = None,
-    steps: StepsLike = None,
-    factor: int | None = None,
-    normalize: Normalize = "map",
-    tokens: bool = False,
-    on_image: bool = True,
-    alpha: float = 0.5,
-    cmap: str | Colormap = "jet",
-    columns: int | None = None,
-    tile: int | None = 160,
-) -> Image.Image:
-    """:func:`word_grid` as one PIL image, each map labelled underneath; ``tile``: the
-    height of each map in pixels (None: the image's)."""
-    tiles, labels, title = _word_tiles(result, branch, words, steps, factor, normalize, tokens, on_image, alpha, cmap)
-    return tile_images(tiles, labels, columns=columns, tile=tile, title=title)
-
-
-def _film_tiles(
-    result: Any,
-    word: str | int,
-    branch: int,
-    steps: Sequence[int] | None,
-    count: int,
-    factor: int | None,
-    normalize: Normalize,
-    on_image: bool,
-    alpha: float,
-    cmap: str | Colormap,
-) -> tuple[list[Image.Image], list[str], str]:
+) -> Tiles:
+    """Every word's heatmap (``tokens=True``: every token, begin/end-of-text included),
+    labelled, overlaid on the image unless ``on_image=False``: the paper's fig. 4 and the
+    official ``show_cross_attention``. ``.figure()`` / ``.image()`` draw it."""
     record, image = _record_and_image(result, branch)
     heatmaps = record.heatmaps(branch, factor)
-    per_step = heatmaps.word_steps(word)  # (steps, h, w)
-    total = heatmaps.steps
-    if steps is None:
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-            raise ValueError(f"count is how many steps to show (at least 1), not {count!r}")
-        chosen = sorted(set(np.linspace(0, total - 1, min(count, total)).round().astype(int).tolist()))
+    if tokens:
+        if words is not None:
+            raise ValueError("with tokens=True the grid shows every token; leave words=None")
+        maps = heatmaps.tokens(steps=steps, normalize=normalize)
     else:
-        chosen = list(steps)
-        for step in chosen:
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < total:
-                raise ValueError(f"step {step!r} does not exist; this run has steps 0..{total - 1}")
-        if not chosen:
-            raise ValueError("no step chosen; pass step indices, or None for evenly spaced steps")
-    maps = normalize_maps(per_step[chosen], normalize)  # "words" here: one scale across the steps
-    size = (image.height, image.width)
-    if on_image:
-        tiles = [overlay(image, m, alpha=alpha, cmap=cmap, normalize=None) for m in maps]
-    else:
-        tiles = [colorize(m, size=size, cmap=cmap, normalize=None) for m in maps]
-    labels = [f"step {s + 1} (t={heatmaps.timesteps[s]})" for s in chosen]
-    label = word if isinstance(word, str) else heatmaps.prompt.words[word].text
-    return tiles, labels, f'"{label}" in "{heatmaps.prompt.text}" across the diffusion'
+        maps = heatmaps.words(words, steps=steps, normalize=normalize)
+    title = f'"{heatmaps.prompt.text}", {_step_title(heatmaps, steps)}'
+    return Tiles(_pictures(image, maps.maps, on_image, alpha, cmap), maps.labels, title, columns)
 
 
 def filmstrip(
@@ -371,30 +301,37 @@ def filmstrip(
     on_image: bool = True,
     alpha: float = 0.5,
     cmap: str | Colormap = "jet",
-    fig: Figure | None = None,
-) -> Figure:
-    """One word's heatmap at several steps (``count`` evenly spaced, or ``steps``) in a
-    row. ``normalize="words"`` puts all steps on one scale, to see the map sharpen."""
-    tiles, labels, title = _film_tiles(result, word, branch, steps, count, factor, normalize, on_image, alpha, cmap)
-    return _figure(tiles, labels, title, len(tiles), fig)
+) -> Tiles:
+    """One word's heatmap at several steps in a row: ``count`` evenly spaced steps, or the
+    step indices ``steps``. ``normalize="words"`` puts all steps on one scale, to see the
+    map sharpen over the diffusion."""
+    record, image = _record_and_image(result, branch)
+    heatmaps = record.heatmaps(branch, factor)
+    per_step = heatmaps.word_steps(word)  # (steps, h, w)
+    total = heatmaps.steps
+    if steps is None:
+        if not _is_int(count) or count < 1:
+            raise ValueError(f"count is how many steps to show (at least 1), not {count!r}")
+        chosen = sorted(set(np.linspace(0, total - 1, min(count, total)).round().astype(int).tolist()))
+    else:
+        chosen = list(steps)
+        for step in chosen:
+            if not _is_int(step) or not 0 <= step < total:
+                raise ValueError(f"step {step!r} does not exist; this run has steps 0..{total - 1}")
+        if not chosen:
+            raise ValueError("no step chosen; pass step indices, or None for evenly spaced steps")
+    maps = normalize_maps(per_step[chosen], normalize)  # "words" here: one scale across the steps
+    labels = tuple(f"step {s + 1} (t={heatmaps.timesteps[s]})" for s in chosen)
+    name = word if isinstance(word, str) else heatmaps.prompt.words[word].text
+    title = f'"{name}" in "{heatmaps.prompt.text}" across the diffusion'
+    return Tiles(_pictures(image, maps, on_image, alpha, cmap), labels, title, len(chosen))
 
 
-def filmstrip_image(
-    result: Any,
-    word: str | int,
-    branch: int = 0,
-    steps: Sequence[int] | None = None,
-    count: int = 8,
-    factor: int | None = None,
-    normalize: Normalize = "map",
-    on_image: bool = True,
-    alpha: float = 0.5,
-    cmap: str | Colormap = "jet",
-    tile: int | None = 160,
-) -> Image.Image:
-    """:func:`filmstrip` as one PIL image."""
-    tiles, labels, title = _film_tiles(result, word, branch, steps, count, factor, normalize, on_image, alpha, cmap)
-    return tile_images(tiles, labels, columns=len(tiles), tile=tile, title=title)
+def _pictures(image: Image.Image, maps: np.ndarray, on_image: bool, alpha: float, cmap: str | Colormap) -> tuple[Image.Image, ...]:
+    """Maps (n, h, w) in [0, 1] as overlays on ``image`` or as colour images of its size."""
+    if on_image:
+        return tuple(overlay(image, m, alpha=alpha, cmap=cmap, normalize=None) for m in maps)
+    return tuple(colorize(m, size=(image.height, image.width), cmap=cmap, normalize=None) for m in maps)
 
 
 def blend_mask(result: Any, branch: int = 1, step: int = -1, on_image: bool = True, as_array: bool = False) -> Output:
@@ -404,16 +341,14 @@ def blend_mask(result: Any, branch: int = 1, step: int = -1, on_image: bool = Tr
     in black (kept from the parent) and white (free to change). Upsampled (nearest) from
     the latent to the image size.
     """
+    images = _images_of(result)
     masks = getattr(result, "blend_masks", None)
-    images = getattr(result, "images", None)
-    if images is None:
-        raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
     if masks is None:
         raise ValueError("this run used no local blending; give a Target blend=LocalBlend([...words]) to get a mask")
-    if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 1 <= branch < len(images):
+    if not _is_int(branch) or not 1 <= branch < len(images):
         raise ValueError(f"branch {branch!r} is not a target; this run's targets are 1..{len(images) - 1}")
     total = masks.shape[0]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not -total <= step < total:
+    if not _is_int(step) or not -total <= step < total:
         raise ValueError(f"step {step!r} does not exist; local blending ran at steps 0..{total - 1}")
     mask = np.asarray(masks[int(step), int(branch)], dtype=np.uint8) * 255  # (h, w)
     image = images[int(branch)].convert("RGB")
@@ -427,16 +362,14 @@ def blend_mask(result: Any, branch: int = 1, step: int = -1, on_image: bool = Tr
 def difference(result: Any, branch: int = 1, against: int | None = None, gain: float = 1.0, as_array: bool = False) -> Output:
     """``|image[branch] - image[against]|`` per channel (default ``against``: the branch's
     parent), times ``gain`` and clipped: black where nothing changed."""
-    images = getattr(result, "images", None)
-    if images is None:
-        raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
+    images = _images_of(result)
     count = len(images)
-    if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < count:
+    if not _is_int(branch) or not 0 <= branch < count:
         raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{count - 1}")
     if against is None:
         branches = getattr(result, "branches", None)
         against = branches[branch].parent if branches is not None and branch > 0 else 0
-    if isinstance(against, bool) or not isinstance(against, (int, np.integer)) or not 0 <= against < count:
+    if not _is_int(against) or not 0 <= against < count:
         raise ValueError(f"against={against!r} does not exist; this run has branches 0..{count - 1}")
     if isinstance(gain, bool) or not isinstance(gain, (int, float)) or gain <= 0:
         raise ValueError(f"gain multiplies the difference and is positive, not {gain!r}")
@@ -446,59 +379,63 @@ def difference(result: Any, branch: int = 1, against: int | None = None, gain: f
     return _out(Image.fromarray(change, "RGB"), as_array)
 
 
-def _self_tiles(result: Any, branch: int, count: int, cmap: str | Colormap) -> tuple[list[Image.Image], list[str], str]:
-    record, image = _record_and_image(result, branch)
-    components = record.self_components(branch, count)
-    (step, factor), _ = record.self_maps
-    size = (image.height, image.width)
-    tiles = [colorize(c, size=size, cmap=cmap, normalize="map") for c in components]
-    labels = [f"component {i + 1}" for i in range(len(tiles))]
-    height, width = components.shape[1:]
-    title = f"self-attention at step {step + 1}, {height}x{width} maps: top principal components"
-    return tiles, labels, title
-
-
-def self_attention(result: Any, branch: int = 0, count: int = 6, cmap: str | Colormap = "viridis", fig: Figure | None = None) -> Figure:
+def self_attention(result: Any, branch: int = 0, count: int = 6, cmap: str | Colormap = "viridis") -> Tiles:
     """The top principal components of the recorded self-attention (the official
     ``show_self_attention_comp``); needs ``run(..., record_self=(step, factor))``."""
-    tiles, labels, title = _self_tiles(result, branch, count, cmap)
-    return _figure(tiles, labels, title, len(tiles), fig)
+    record, image = _record_and_image(result, branch)
+    components = record.self_components(branch, count)
+    (step, _), _ = record.self_maps
+    pictures = tuple(colorize(c, size=(image.height, image.width), cmap=cmap, normalize="map") for c in components)
+    labels = tuple(f"component {i + 1}" for i in range(len(pictures)))
+    height, width = components.shape[1:]
+    title = f"self-attention at step {step + 1}, {height}x{width} maps: top principal components"
+    return Tiles(pictures, labels, title, len(pictures))
 
 
-def self_attention_image(result: Any, branch: int = 0, count: int = 6, cmap: str | Colormap = "viridis", tile: int | None = 160) -> Image.Image:
-    """:func:`self_attention` as one PIL image."""
-    tiles, labels, title = _self_tiles(result, branch, count, cmap)
-    return tile_images(tiles, labels, columns=len(tiles), tile=tile, title=title)
-
-
-def _gallery_tiles(result: Any) -> tuple[list[Image.Image], list[str]]:
-    images = getattr(result, "images", None)
-    branches = getattr(result, "branches", None)
-    if images is None or branches is None:
-        raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
-    labels = []
-    for index, branch in enumerate(branches):
-        if index == 0:
-            labels.append(f'source: "{branch.prompt.text}"')
-        else:
-            labels.append(f'{branch.kind}: "{branch.prompt.text}"')
-    return [image.convert("RGB") for image in images], labels
-
-
-def gallery(result: Any, columns: int | None = None, fig: Figure | None = None) -> Figure:
+def gallery(result: Any, columns: int | None = None) -> Tiles:
     """The source and every target side by side, captioned with their prompts and edit
     kinds (the paper's figures)."""
-    tiles, labels = _gallery_tiles(result)
-    return _figure(tiles, labels, None, columns or len(tiles), fig, wrap=28)
-
-
-def gallery_image(result: Any, columns: int | None = None, tile: int | None = 256) -> Image.Image:
-    """:func:`gallery` as one PIL image with the captions underneath."""
-    tiles, labels = _gallery_tiles(result)
-    return tile_images(tiles, labels, columns=columns or len(tiles), tile=tile)
+    images = _images_of(result)
+    branches = getattr(result, "branches", None)
+    if branches is None:
+        raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
+    labels = tuple(
+        f'{"source" if index == 0 else branch.kind}: "{branch.prompt.text}"' for index, branch in enumerate(branches)
+    )
+    return Tiles(tuple(image.convert("RGB") for image in images), labels, None, columns or len(images), tile=256, wrap=28)
 
 
 # -- layout -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tiles:
+    """Labelled pictures to lay out in a grid: what the views above return.
+
+    ``.image()`` composes one PIL image (labels underneath), ``.figure()`` a matplotlib
+    figure (labels as subplot titles); in a notebook a ``Tiles`` shows itself as the
+    image. ``images`` are the individual pictures, at the run's image size.
+    """
+
+    images: tuple[Image.Image, ...]
+    labels: tuple[str, ...]
+    title: str | None = None
+    columns: int | None = None
+    tile: int | None = 160  # height of each picture in .image() (None: as it is)
+    wrap: int = 18  # characters per line of a subplot title in .figure()
+
+    def image(self, tile: int | None = None, columns: int | None = None) -> Image.Image:
+        """One RGB image; ``tile``: each picture's height in pixels (default ``self.tile``)."""
+        return tile_images(self.images, self.labels, columns or self.columns, tile or self.tile, self.title)
+
+    def figure(self, columns: int | None = None, fig: Figure | None = None) -> Figure:
+        """A matplotlib figure (made without pyplot), or drawn into ``fig``."""
+        return _figure(self.images, self.labels, self.title, columns or self.columns, fig, self.wrap)
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.image().save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)  # scalable, Pillow >= 10.1 with FreeType
@@ -534,10 +471,10 @@ def tile_images(
     if labels is not None and len(labels) != len(pictures):
         raise ValueError(f"{len(labels)} labels for {len(pictures)} images; give one label per image")
     columns = len(pictures) if columns is None else columns
-    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+    if not _is_int(columns) or columns < 1:
         raise ValueError(f"columns is a positive number, not {columns!r}")
     height = pictures[0].height if tile is None else tile
-    if isinstance(height, bool) or not isinstance(height, (int, np.integer)) or height < 1:
+    if not _is_int(height) or height < 1:
         raise ValueError(f"tile is a height in pixels, not {tile!r}")
     pictures = [
         p if p.height == height else p.resize((max(1, round(p.width * height / p.height)), height), Image.BICUBIC)
@@ -578,7 +515,7 @@ def _figure(
     """Tiles as subplots of a matplotlib figure (no pyplot), each titled by its label."""
     count = len(tiles)
     columns = min(count, columns or min(count, 6))
-    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+    if not _is_int(columns) or columns < 1:
         raise ValueError(f"columns is a positive number, not {columns!r}")
     rows = -(-count // columns)
     aspect = tiles[0].width / tiles[0].height

@@ -93,29 +93,34 @@ def test_scrubber_words_sizes_and_shared_scale(result):
 
 
 def test_word_grid_figure_and_image(result):
-    figure = plot.word_grid(result, branch=1, steps=(0, 3))
+    grid = plot.word_grid(result, branch=1, steps=(0, 3))
+    assert grid.labels == ("a", "dog", "riding", "a", "bicycle") and len(grid.images) == 5
+    assert all(image.size == (48, 32) for image in grid.images)
+    figure = grid.figure()
     assert isinstance(figure, Figure)
     titles = [ax.get_title() for ax in figure.axes if ax.images]
     assert titles == ["a", "dog", "riding", "a", "bicycle"]
     assert "steps 1-3 of 6" in figure._suptitle.get_text()
-    tokens = plot.word_grid(result, tokens=True, on_image=False)
+    tokens = plot.word_grid(result, tokens=True, on_image=False).figure()
     assert [ax.get_title() for ax in tokens.axes if ax.images][0] == "<start>"
-    picture = plot.word_grid_image(result, columns=3, tile=40)
+    picture = plot.word_grid(result, columns=3).image(tile=40)
     assert isinstance(picture, Image.Image) and picture.mode == "RGB"
     # 3 columns of 60-wide tiles (40 high, aspect 3:2), 2 rows
     assert 3 * 60 <= picture.width < 3 * 60 + 40 and picture.height > 2 * 40
     with pytest.raises(ValueError, match="'lion' is not in .*a, cat, riding, a, bicycle"):
         plot.word_grid(result, words=["lion"])
+    # a notebook shows the grid as its image
+    assert grid._repr_png_().startswith(b"\x89PNG")
 
 
 def test_filmstrip_shows_one_word_at_spread_steps(result):
     timesteps = result.attention.timesteps
-    figure = plot.filmstrip(result, "dog", branch=1, count=2)
+    figure = plot.filmstrip(result, "dog", branch=1, count=2).figure()
     titles = [ax.get_title() for ax in figure.axes if ax.images]
     assert titles == [f"step 1 (t={timesteps[0]})", f"step 6 (t={timesteps[5]})"]
-    every = plot.filmstrip(result, "dog", branch=1, count=10)  # more than there are: each step once
+    every = plot.filmstrip(result, "dog", branch=1, count=10).figure()  # more than there are: each step once
     assert [ax.get_title() for ax in every.axes if ax.images] == [f"step {i + 1} (t={t})" for i, t in enumerate(timesteps)]
-    strip = plot.filmstrip_image(result, "cat", steps=[0, 5], tile=32, on_image=False)
+    strip = plot.filmstrip(result, "cat", steps=[0, 5], on_image=False).image(tile=32)
     assert strip.width >= 2 * 48 and strip.height > 32
     with pytest.raises(ValueError, match="steps 0..5"):
         plot.filmstrip(result, "cat", steps=[9])
@@ -147,17 +152,17 @@ def test_difference_against_the_parent(result):
 
 
 def test_self_attention_components_figure(result):
-    figure = plot.self_attention(result, count=4)
+    figure = plot.self_attention(result, count=4).figure()
     assert len([ax for ax in figure.axes if ax.images]) == 4
     assert "step 3" in figure._suptitle.get_text()
-    assert plot.self_attention_image(result, count=2, tile=32).mode == "RGB"
+    assert plot.self_attention(result, count=2).image(tile=32).mode == "RGB"
 
 
 def test_gallery_captions_every_branch(result):
-    figure = plot.gallery(result)
+    figure = plot.gallery(result).figure()
     titles = [ax.get_title().replace("\n", " ") for ax in figure.axes if ax.images]
     assert titles == [f'source: "{SOURCE}"', f'swap: "{TARGET}"']
-    picture = plot.gallery_image(result, tile=64)
+    picture = plot.gallery(result).image(tile=64)
     assert picture.width >= 2 * 96 and picture.height > 64
 
 
