@@ -270,20 +270,21 @@ def word_grid(
     factor: int | None = None,
     normalize: Normalize = "map",
     tokens: bool = False,
+    special: bool = False,
     on_image: bool = True,
     alpha: float = 0.5,
     cmap: str | Colormap = "jet",
     columns: int | None = None,
 ) -> Tiles:
-    """Every word's heatmap (``tokens=True``: every token, begin/end-of-text included),
-    labelled, overlaid on the image unless ``on_image=False``: the paper's fig. 4 and the
+    """Every word's heatmap (``tokens=True``: every token; ``special=True`` adds begin- and
+    end-of-text), labelled, overlaid on the image unless ``on_image=False``: the paper's fig. 4 and the
     official ``show_cross_attention``. ``.figure()`` / ``.image()`` draw it."""
     record, image = _record_and_image(result, branch)
     heatmaps = record.heatmaps(branch, factor)
     if tokens:
         if words is not None:
             raise ValueError("with tokens=True the grid shows every token; leave words=None")
-        maps = heatmaps.tokens(steps=steps, normalize=normalize)
+        maps = heatmaps.tokens(steps=steps, normalize=normalize, special=special)
     else:
         maps = heatmaps.words(words, steps=steps, normalize=normalize)
     title = f'"{heatmaps.prompt.text}", {_step_title(heatmaps, steps)}'

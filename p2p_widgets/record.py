@@ -295,7 +295,7 @@ class Heatmaps:
         tokens: list[int] | tuple[int, ...] | None = None,
         steps: StepsLike = None,
         normalize: Normalize = "map",
-        special: bool = True,
+        special: bool = False,
     ) -> Maps:
         """Maps of token positions, labelled; by default every token, with begin- and
         end-of-text only if ``special``. A word split into several tokens labels them

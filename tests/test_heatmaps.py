@@ -170,10 +170,10 @@ def test_words_gives_labelled_maps_of_every_word(tokenizer):
 
 def test_tokens_include_start_and_end_on_request(tokenizer):
     heatmaps = make_record(tokenizer).heatmaps(0)
-    every = heatmaps.tokens(normalize=None)
+    every = heatmaps.tokens(normalize=None, special=True)
     assert every.labels == ("<start>", "a", "cat", "riding", "a", "bicycle[1/2]", "bicycle[2/2]", "<end>")
     np.testing.assert_allclose(every.maps[0], heatmaps.token_maps([0])[0])
-    assert heatmaps.tokens(special=False).labels == every.labels[1:-1]
+    assert heatmaps.tokens().labels == every.labels[1:-1]
     with pytest.raises(ValueError, match=r"positions are 0 \(begin-of-text\) .. 7"):
         heatmaps.token_maps([8])
 

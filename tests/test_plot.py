@@ -101,8 +101,9 @@ def test_word_grid_figure_and_image(result):
     titles = [ax.get_title() for ax in figure.axes if ax.images]
     assert titles == ["a", "dog", "riding", "a", "bicycle"]
     assert "steps 1-3 of 6" in figure._suptitle.get_text()
-    tokens = plot.word_grid(result, tokens=True, on_image=False).figure()
+    tokens = plot.word_grid(result, tokens=True, special=True, on_image=False).figure()
     assert [ax.get_title() for ax in tokens.axes if ax.images][0] == "<start>"
+    assert plot.word_grid(result, tokens=True).labels[0] == "a"
     picture = plot.word_grid(result, columns=3).image(tile=40)
     assert isinstance(picture, Image.Image) and picture.mode == "RGB"
     # 3 columns of 60-wide tiles (40 high, aspect 3:2), 2 rows
