@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from p2p_widgets import edit
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.model import ModelConfig, build_pipeline
-from p2p_widgets.shapes.train import TrainConfig, _images, train
+from p2p_widgets.shapes.train import TrainConfig, _images, loss_weights, train
 
 TOY = ModelConfig(
     image_size=32, vae_channels=(8, 16), unet_channels=(16, 32), heads=2, text_width=16, text_layers=1, text_heads=2
@@ -52,3 +52,39 @@ def test_training_is_reproducible():
     first, second = train(config), train(config)
     for a, b in zip(first.unet.parameters(), second.unet.parameters()):
         assert torch.equal(a, b)
+
+
+def test_min_snr_weights_only_lower_the_easy_steps():
+    alphas = torch.linspace(0.9999, 0.001, 1000)
+    weights = loss_weights(alphas, 5.0)
+    snr = alphas / (1 - alphas)
+    assert torch.equal(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    torch.testing.assert_close(weights[snr > 5], 5 / snr[snr > 5])
+    assert torch.equal(loss_weights(alphas, None), torch.ones(1000))
+
+
+def test_checkpoints_save_the_average_and_do_not_change_training(tmp_path):
+    config = TrainConfig(model=TOY, batch_size=2, vae_steps=2, denoiser_steps=4, warmup_steps=1, ema_decay=0.5)
+    plain = train(config)
+    checkpointed = train(config, tmp_path, checkpoint_every=2)
+    for a, b in zip(plain.unet.parameters(), checkpointed.unet.parameters()):
+        assert torch.equal(a, b)
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path / "checkpoint-2")
+    assert not all(torch.equal(a, b) for a, b in zip(saved.unet.parameters(), plain.unet.parameters()))
+    assert not (tmp_path / "checkpoint-4").exists()  # the last step is the model itself
+
+
+def test_the_saved_weights_are_the_moving_average():
+    raw = train(TrainConfig(model=TOY, batch_size=2, vae_steps=2, denoiser_steps=3, warmup_steps=1, ema_decay=None))
+    averaged = train(TrainConfig(model=TOY, batch_size=2, vae_steps=2, denoiser_steps=3, warmup_steps=1, ema_decay=0.999))
+    # same data and steps; only what is kept differs (the average lags the last step)
+    assert not all(torch.equal(a, b) for a, b in zip(raw.unet.parameters(), averaged.unet.parameters()))
+
+
+def test_a_vae_can_be_reused_from_a_saved_model(tmp_path):
+    config = TrainConfig(model=TOY, batch_size=2, vae_steps=5, denoiser_steps=1, warmup_steps=1)
+    first = train(config, tmp_path / "first")
+    again = train(TrainConfig(model=TOY, batch_size=2, vae_steps=0, denoiser_steps=1, warmup_steps=1, seed=1), vae_from=tmp_path / "first")
+    for a, b in zip(first.vae.parameters(), again.vae.parameters()):
+        assert torch.equal(a, b)
+    assert again.vae.config.scaling_factor == first.vae.config.scaling_factor

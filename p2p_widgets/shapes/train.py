@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from .data import batch
 from .model import ModelConfig, build_pipeline, scheduler_config
 
-__all__ = ["TrainConfig", "train", "train_vae", "train_denoiser", "main"]
+__all__ = ["TrainConfig", "loss_weights", "train", "train_vae", "train_denoiser", "main"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,27 @@ def train_vae(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report
     return scaling
 
 
-def train_denoiser(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report | None = None) -> None:
-    """Stage 2: the UNet and the text encoder, with the VAE frozen."""
+def loss_weights(alphas_cumprod: torch.Tensor, min_snr: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss per timestep: ``min(SNR, gamma) / SNR``
+    with ``SNR = a_t / (1 - a_t)``; all ones when ``min_snr`` is None."""
+    if not min_snr:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=min_snr) / snr
+
+
+def train_denoiser(
+    pipe: StableDiffusionPipeline,
+    config: TrainConfig,
+    report: Report | None = None,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_every: int = 0,
+) -> None:
+    """Stage 2: the UNet and the text encoder, with the VAE frozen.
+
+    Every ``checkpoint_every`` steps, ``checkpoint(step)`` is called with the averaged
+    weights in place (as they would be saved), then training goes on.
+    """
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     noise_schedule = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")})
     alphas = noise_schedule.alphas_cumprod  # (1000,)
@@ -129,8 +148,7 @@ def train_denoiser(pipe: StableDiffusionPipeline, config: TrainConfig, report: R
         weight_decay=1e-2,
     )
     average = [p.detach().clone() for p in parameters] if config.ema_decay else None
-    snr = alphas / (1 - alphas)
-    weights = snr.clamp(max=config.min_snr) / snr if config.min_snr else torch.ones_like(snr)
+    weights = loss_weights(alphas, config.min_snr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, config.denoiser_steps, min(config.warmup_steps, config.denoiser_steps))
     )
@@ -162,12 +180,25 @@ def train_denoiser(pipe: StableDiffusionPipeline, config: TrainConfig, report: R
                 torch._foreach_lerp_(average, [p.detach() for p in parameters], 1 - decay)
         if report is not None:
             report("denoiser", step, config.denoiser_steps, loss.item())
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < config.denoiser_steps:
+            current = [p.detach().clone() for p in parameters]
+            _assign(parameters, average or current)
+            unet.eval()
+            text_encoder.eval()
+            checkpoint(step + 1)
+            _assign(parameters, current)
+            unet.train()
+            text_encoder.train()
     if average is not None:
-        with torch.no_grad():
-            for parameter, value in zip(parameters, average):
-                parameter.copy_(value)
+        _assign(parameters, average)
     unet.eval()
     text_encoder.eval()
+
+
+def _assign(parameters: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, value in zip(parameters, values):
+            parameter.copy_(value)
 
 
 def train(
@@ -175,11 +206,13 @@ def train(
     out: str | Path | None = None,
     report: Report | None = None,
     vae_from: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> StableDiffusionPipeline:
     """Build, train and (if ``out`` is given) save the shapes pipeline.
 
     ``vae_from``: a saved shapes pipeline whose VAE (and latent scaling) to reuse instead
-    of training stage 1, for experiments with the denoiser.
+    of training stage 1, for experiments with the denoiser. ``checkpoint_every``: also
+    save the pipeline every this many denoiser steps, to ``out/checkpoint-STEP``.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -195,9 +228,13 @@ def train(
         pipe.vae.eval()
     vae_seconds = time.perf_counter() - started
     pipe.vae.requires_grad_(False)
-    train_denoiser(pipe, config, report)
+    out = None if out is None else Path(out)
+
+    def checkpoint(step: int) -> None:
+        pipe.save_pretrained(out / f"checkpoint-{step}", safe_serialization=True)
+
+    train_denoiser(pipe, config, report, checkpoint if out is not None else None, checkpoint_every)
     if out is not None:
-        out = Path(out)
         pipe.save_pretrained(out, safe_serialization=True)
         info = {
             "train_config": {**asdict(config), "model": config.model.to_dict()},
@@ -221,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.denoiser_lr, help="denoiser learning rate")
     parser.add_argument("--text-lr-scale", type=float, default=TrainConfig.text_lr_scale)
     parser.add_argument("--vae-from", default=None, help="reuse the VAE of a saved shapes pipeline (skips stage 1)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also save every this many denoiser steps")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--every", type=int, default=100, help="print the loss every this many steps")
     args = parser.parse_args(argv)
@@ -239,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.every == 0 or step == steps - 1:
             print(f"{stage} {step + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    train(config, args.out, report, vae_from=args.vae_from)
+    train(config, args.out, report, vae_from=args.vae_from, checkpoint_every=args.checkpoint_every)
 
 
 if __name__ == "__main__":
