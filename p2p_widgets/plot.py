@@ -198,18 +198,18 @@ class Scrubber:
         _check_alpha(alpha)
         self.normalize = normalize
         chosen = list(range(len(self.heatmaps.prompt.words))) if words is None else list(words)
-        first = self.heatmaps.words(chosen, steps=0, normalize=normalize)  # validates the words
-        self.labels: tuple[str, ...] = first.labels
-        self._tokens = [list(self.heatmaps.prompt.token_indices(w)) for w in chosen]
-        image = image if size is None else image.resize((_size(size)[1], _size(size)[0]), Image.BICUBIC)
-        self.size = (image.height, image.width)
+        self.labels: tuple[str, ...] = self.heatmaps.words(chosen, steps=0, normalize=None).labels  # validates
+        if size is not None:
+            height, width = _size(size)
+            image = image.resize((width, height), Image.BICUBIC)
         self.image = image
+        self.size = (image.height, image.width)
         self._base = Image.fromarray(_scaled(np.asarray(image), 1.0 - alpha))
         self._colours = palette(cmap, alpha).reshape(-1).tolist()
         per_step = self.heatmaps.per_step  # (steps, tokens, h, w)
-        words_per_step = np.stack([per_step[:, t].mean(1) for t in self._tokens], axis=1)  # (steps, words, h, w)
-        self._words_per_step = words_per_step
-        self._levels = _quantise(normalize_maps(words_per_step, normalize))  # (steps, words, h, w) uint8
+        tokens = [list(self.heatmaps.prompt.token_indices(word)) for word in chosen]
+        self._words_per_step = np.stack([per_step[:, t].mean(1) for t in tokens], axis=1)  # (steps, words, h, w)
+        self._levels = _quantise(normalize_maps(self._words_per_step, normalize))  # (steps, words, h, w) uint8
 
     @property
     def steps(self) -> int:
@@ -217,11 +217,9 @@ class Scrubber:
 
     def levels(self, steps: StepsLike) -> np.ndarray:
         """The quantised maps (words, h, w) uint8 for a step or a step range."""
-        if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
-            if not -self.steps <= steps < self.steps:
-                raise ValueError(f"step {steps} does not exist; this run has steps 0..{self.steps - 1}")
-            return self._levels[int(steps)]
         chosen = select_steps(steps, self.steps)
+        if len(chosen) == 1:
+            return self._levels[chosen[0]]
         return _quantise(normalize_maps(self._words_per_step[chosen].mean(0), self.normalize))
 
     def frame(self, steps: StepsLike) -> list[Image.Image]:
