@@ -51,8 +51,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "plot":  # matplotlib is loaded only when pictures are asked for
-        import importlib
+    import importlib
 
-        return importlib.import_module(".plot", __name__)
+    if name in ("plot", "panel"):  # matplotlib and ipywidgets are loaded only when asked for
+        return importlib.import_module(f".{name}", __name__)
+    if name == "P2PPanel":
+        return importlib.import_module(".panel", __name__).P2PPanel
     raise AttributeError(f"module 'p2p_widgets' has no attribute {name!r}")

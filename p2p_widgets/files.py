@@ -7,6 +7,8 @@ whole.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ from .edits import Recipe
 if TYPE_CHECKING:
     from .engine import Result
 
-__all__ = ["save_result", "read_recipe", "RECIPE_KEY"]
+__all__ = ["save_result", "read_recipe", "recipe_from_bytes", "RECIPE_KEY"]
 
 RECIPE_KEY = "p2p_widgets.recipe"  # the PNG text chunk holding the recipe JSON
 
@@ -69,13 +71,24 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix.lower() == ".json":
-        return Recipe.from_json(path.read_text(encoding="utf-8"))
+    return recipe_from_bytes(path.read_bytes(), str(path))
+
+
+def recipe_from_bytes(data: bytes, name: str = "the file") -> Recipe:
+    """The recipe in the contents of a recipe JSON file or a PNG written by
+    :func:`save_result` (e.g. an upload); ``name`` is used in error messages."""
+    if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n":
+        try:
+            text = bytes(data).decode("utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{name} is neither a recipe JSON file nor a readable image") from None
+        return Recipe.from_json(text)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             text = dict(getattr(image, "text", {}) or image.info).get(RECIPE_KEY)
     except OSError as error:
-        raise ValueError(f"{path} is neither a recipe JSON file nor a readable image ({error})") from None
+        raise ValueError(f"{name} is neither a recipe JSON file nor a readable image ({error})") from None
     if text is None:
-        raise ValueError(f"{path} holds no p2p_widgets recipe (no {RECIPE_KEY!r} text chunk)")
+        raise ValueError(f"{name} holds no p2p_widgets recipe (no {RECIPE_KEY!r} text chunk)")
     return Recipe.from_json(text)

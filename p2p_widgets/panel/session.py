@@ -1,0 +1,800 @@
+"""The panel's engine room: settings, runs in a background thread, history, heatmap frames.
+
+A :class:`Session` owns the pipeline, the run thread and the history, and hands out plain
+values: frozen settings, PIL images, PNG bytes. The widget view (``view.py``) only turns
+clicks into session calls and redraws from the session's state, so everything the panel
+does can be driven from code::
+
+    session = Session(pipe, Settings(source="a big red circle on a black background"))
+    session.set_edit(1, prompt="a big blue circle on a black background")
+    session.choose(1, "blue", weight=2.0)
+    session.run(wait=True)
+    session.set_step(10)
+    session.heatmap_image()
+
+State changes by replacement: :attr:`Session.state` is a frozen :class:`State`, swapped
+whole on every change, and every observer is called with the new state once per change.
+Errors (bad prompts, words not found, out of memory, a cancelled run) become
+``state.error``, a readable message; the history is never touched by a failed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window
+from ..engine import Cancelled, Progress, Result, run, vae_factor
+from ..files import read_recipe, recipe_from_bytes, save_result
+from ..prompts import Word, infer_kind, tokenize
+
+__all__ = ["WordChoice", "EditRow", "Settings", "Entry", "View", "State", "Session", "KINDS"]
+
+KINDS: tuple[str, ...] = ("auto", "swap", "refine")
+Status = Literal["idle", "running", "done", "error", "cancelled"]
+Mode = Literal["heatmaps", "difference"]
+
+_WEIGHT_RANGE = (-2.0, 5.0)  # the re-weight slider's range; code may go beyond it
+_THUMBNAIL = 96  # history thumbnails: height in pixels
+_TILE = 192  # heatmap tiles: at most this many pixels high
+_FRAME_CACHE = 256  # encoded heatmap frames kept (PNG bytes)
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class WordChoice:
+    """What to do with one word of an edited prompt.
+
+    ``weight``: scale of the word's cross-attention (1 = unchanged; negative allowed);
+    ``preserve``: inject this word's maps from the source (object preservation: only the
+    preserved words are injected); ``local``: confine the edit to where this word attends
+    (local blending).
+    """
+
+    weight: float = 1.0
+    preserve: bool = False
+    local: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight != self.weight:
+            raise ValueError(f"a word's weight is a number (1 = unchanged), not {self.weight!r}")
+        object.__setattr__(self, "weight", float(self.weight))
+        object.__setattr__(self, "preserve", bool(self.preserve))
+        object.__setattr__(self, "local", bool(self.local))
+
+    @property
+    def is_default(self) -> bool:
+        return self.weight == 1.0 and not self.preserve and not self.local
+
+    def badge(self) -> str:
+        """A short mark for a word chip: ``x2``, ``keep``, ``local``."""
+        marks = []
+        if self.weight != 1.0:
+            marks.append(f"x{self.weight:g}")
+        if self.preserve:
+            marks.append("keep")
+        if self.local:
+            marks.append("local")
+        return " ".join(marks)
+
+
+@dataclass(frozen=True)
+class EditRow:
+    """One edited prompt: its text ("" = the source prompt, for pure re-weighting), its
+    edit kind and the choices on its words, by word index."""
+
+    prompt: str = ""
+    kind: str = "auto"
+    words: tuple[tuple[int, WordChoice], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"an edited prompt is a string, not {type(self.prompt).__name__}")
+        if self.kind not in KINDS:
+            raise ValueError(f"the edit kind is one of {', '.join(KINDS)}, not {self.kind!r}")
+
+    def choice(self, word: int) -> WordChoice:
+        return dict(self.words).get(word, WordChoice())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the panel's inputs hold. ``size`` is (height, width) or None for the
+    model's default; ``cross`` and ``self_attn`` are (start, end) fractions of the steps;
+    ``threshold`` is the local-blend threshold k."""
+
+    source: str = ""
+    edits: tuple[EditRow, ...] = (EditRow(),)
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    size: tuple[int, int] | None = None
+    cross: tuple[float, float] = (0.0, 0.8)
+    self_attn: tuple[float, float] = (0.0, 0.4)
+    threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise TypeError(f"the source prompt is a string, not {type(self.source).__name__}")
+        object.__setattr__(self, "edits", tuple(self.edits))
+        for name in ("seed", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, not {value!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        for name in ("cross", "self_attn"):
+            window = Window.parse(getattr(self, name))  # validates
+            object.__setattr__(self, name, (window.start, window.end))
+        if self.size is not None:
+            size = tuple(self.size)
+            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+                raise ValueError(f"size is (height, width) in pixels or None, not {self.size!r}")
+            object.__setattr__(self, "size", size)
+        LocalBlend(("x",), threshold=self.threshold)  # validates the threshold
+
+    def target(self, row: int) -> Target:
+        """The :class:`Target` of edit row ``row`` (1-based, as branches are)."""
+        edit = self.edits[row - 1]
+        reweight = tuple((word, c.weight) for word, c in edit.words if c.weight != 1.0)
+        preserve = tuple(word for word, c in edit.words if c.preserve)
+        local = tuple(word for word, c in edit.words if c.local)
+        return Target(
+            edit.prompt.strip() or self.source,
+            kind=edit.kind,
+            cross=CrossWindow(Window(*self.cross)),
+            self_attn=Window(*self.self_attn),
+            reweight=reweight,
+            preserve=preserve,
+            blend=LocalBlend(local, threshold=self.threshold) if local else None,
+        )
+
+    def recipe(self, model: str | None = None) -> Recipe:
+        """The run's recipe. Raises ValueError naming the problem (empty prompt, ...)."""
+        height, width = self.size if self.size is not None else (None, None)
+        return Recipe(
+            self.source,
+            tuple(self.target(row) for row in range(1, len(self.edits) + 1)),
+            seed=self.seed,
+            steps=self.steps,
+            guidance=self.guidance,
+            height=height,
+            width=width,
+            model=model,
+        )
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> tuple[Settings, tuple[str, ...]]:
+        """The panel settings of a recipe, and notes on what the panel cannot show (it
+        has one cross window, one self window and one blend threshold for all edits, and
+        edits whose parent is the source)."""
+        notes: list[str] = []
+        first = recipe.targets[0] if recipe.targets else Target(recipe.prompt)
+        rows = []
+        for i, target in enumerate(recipe.targets, start=1):
+            words: dict[int, WordChoice] = {}
+            prompt = tokenize_words(target.prompt)
+
+            def index(word: str | int, what: str, target_number: int = i) -> int | None:
+                if isinstance(word, int):
+                    return word
+                found = [w.index for w in prompt if w.text.lower() == str(word).lower()]
+                if not found:
+                    notes.append(f"edit {target_number}: {what} {word!r} is not a single word; left out")
+                    return None
+                return found[0]
+
+            for word, weight in target.reweight:
+                if (k := index(word, "re-weighted word")) is not None:
+                    words[k] = dataclasses.replace(words.get(k, WordChoice()), weight=weight)
+            for word in target.preserve:
+                if (k := index(word, "preserved word")) is not None:
+                    words[k] = dataclasses.replace(words.get(k, WordChoice()), preserve=True)
+            if target.blend is not None:
+                for word in target.blend.words:
+                    if (k := index(word, "local word")) is not None:
+                        words[k] = dataclasses.replace(words.get(k, WordChoice()), local=True)
+                if target.blend.parent_words is not None or target.blend.dilation != 1 or target.blend.start:
+                    notes.append(f"edit {i}: the blend's parent words, dilation and start are not shown; defaults used")
+            if target.parent != 0:
+                notes.append(f"edit {i}: its parent {target.parent} is not shown; it edits the source here")
+            if target.cross.words:
+                notes.append(f"edit {i}: per-word cross windows are not shown; one window used")
+            if target.reweight_window is not None:
+                notes.append(f"edit {i}: the separate re-weight window is not shown; the cross window used")
+            if (target.cross.default, target.self_attn) != (first.cross.default, first.self_attn):
+                notes.append(f"edit {i}: its windows differ from edit 1's; the panel uses edit 1's for all")
+            rows.append(EditRow(target.prompt, target.kind, tuple(sorted(words.items()))))
+        blends = [t.blend.threshold for t in recipe.targets if t.blend is not None]
+        if len(set(blends)) > 1:
+            notes.append("the edits use different blend thresholds; the panel uses the first for all")
+        size = None if recipe.height is None or recipe.width is None else (recipe.height, recipe.width)
+        settings = cls(
+            source=recipe.prompt,
+            edits=tuple(rows) or (EditRow(),),
+            seed=recipe.seed,
+            steps=recipe.steps,
+            guidance=recipe.guidance,
+            size=size,
+            cross=(first.cross.default.start, first.cross.default.end),
+            self_attn=(first.self_attn.start, first.self_attn.end),
+            threshold=blends[0] if blends else 0.3,
+        )
+        return settings, tuple(notes)
+
+
+def tokenize_words(text: str) -> tuple[Word, ...]:
+    """The words of a prompt as the panel splits them, without a tokenizer (for recipes)."""
+    from ..prompts import _WORD
+
+    return tuple(Word(m.group(0), i, 0, 0) for i, m in enumerate(_WORD.finditer(text)))
+
+
+# --------------------------------------------------------------------------- state
+@dataclass(frozen=True)
+class Entry:
+    """A finished run in the history: its number (1, 2, ...), settings, result, duration
+    and a thumbnail (the images side by side)."""
+
+    number: int
+    settings: Settings
+    result: Result
+    seconds: float
+    thumbnail: Image.Image = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class View:
+    """What the output area shows: a history entry, a branch, a step (None = averaged
+    over all steps), a resolution (None = all aggregated), overlay on the image or raw
+    maps, and heatmaps or the difference image."""
+
+    entry: int | None = None
+    branch: int = 0
+    step: int | None = None
+    factor: int | None = None
+    overlay: bool = True
+    mode: Mode = "heatmaps"
+
+
+@dataclass(frozen=True)
+class State:
+    """The whole panel state, replaced whole on every change."""
+
+    settings: Settings = field(default_factory=Settings)
+    selected: tuple[int, int] | None = None  # (row, word index); row 0 is the source
+    status: Status = "idle"
+    message: str = ""
+    error: str | None = None
+    step: int = 0  # steps done in the current run
+    steps: int = 0
+    preview: tuple[Image.Image, ...] | None = field(default=None, repr=False, compare=False)
+    history: tuple[Entry, ...] = ()
+    view: View = field(default_factory=View)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def entry(self) -> Entry | None:
+        """The history entry shown, or None."""
+        for entry in self.history:
+            if entry.number == self.view.entry:
+                return entry
+        return None
+
+
+Observer = Callable[[State], None]
+
+
+def _readable(error: BaseException) -> str:
+    """A message for the panel: what went wrong and what to do."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, MemoryError) or "out of memory" in text.lower():
+        return (
+            f"out of memory ({text.splitlines()[0]}); try fewer edits, fewer steps or a smaller size, "
+            "or a half-precision pipeline"
+        )
+    if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError)):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------- session
+class Session:
+    """Runs, history and views for one pipeline (see the module docstring).
+
+    Args:
+        pipe: a Stable Diffusion pipeline.
+        settings: the initial settings (default: empty prompts, the model's size).
+        preview_every: decode a live preview every this many steps (0: none).
+        model: the model's name for recipes (default: the pipeline's name or path).
+    """
+
+    kinds = KINDS
+    weight_range = _WEIGHT_RANGE
+
+    def __init__(self, pipe: Any, settings: Settings | None = None, *, preview_every: int = 5, model: str | None = None):
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise ValueError(f"the panel needs a Stable Diffusion pipeline; this one has no {name}")
+        self.pipe = pipe
+        self.model = model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
+        self.preview_every = preview_every
+        self._state = State(settings=settings or Settings())
+        self._observers: list[Observer] = []
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._scrubbers: OrderedDict[tuple, Any] = OrderedDict()
+        self._frames: OrderedDict[tuple, bytes] = OrderedDict()
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def settings(self) -> Settings:
+        return self._state.settings
+
+    def observe(self, observer: Observer) -> None:
+        """Call ``observer(state)`` after every change (from the thread that changed it)."""
+        self._observers.append(observer)
+
+    def unobserve(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def _replace(self, **changes: Any) -> State:
+        with self._lock:
+            self._state = dataclasses.replace(self._state, **changes)
+            state = self._state
+        for observer in list(self._observers):
+            observer(state)
+        return state
+
+    def _fail(self, error: BaseException | str) -> None:
+        message = error if isinstance(error, str) else _readable(error)
+        self._replace(error=message, message=message)
+
+    def clear_error(self) -> None:
+        if self.state.error is not None:
+            self._replace(error=None)
+
+    # -- settings ---------------------------------------------------------------------
+    def update(self, **changes: Any) -> bool:
+        """Change settings fields (seed, steps, guidance, size, cross, self_attn,
+        threshold, source). Returns False and sets ``state.error`` on bad values, leaving
+        the settings as they were."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
+        if unknown:
+            self._fail(f"unknown setting(s) {', '.join(unknown)}; settings: "
+                       f"{', '.join(f.name for f in dataclasses.fields(Settings))}")
+            return False
+        try:
+            settings = dataclasses.replace(self.settings, **changes)
+            if "source" in changes:
+                settings = _keep_choices(settings, self.settings, self.pipe.tokenizer)
+        except (ValueError, TypeError) as error:
+            self._fail(error)
+            return False
+        self._replace(settings=settings, error=None)
+        return True
+
+    def set_source(self, prompt: str) -> bool:
+        return self.update(source=prompt)
+
+    def new_seed(self) -> int:
+        seed = random.SystemRandom().randrange(2**31)
+        self.update(seed=seed)
+        return seed
+
+    def add_edit(self, prompt: str = "", kind: str = "auto") -> int:
+        """Add an edited prompt; returns its row (= branch) number."""
+        self.update(edits=(*self.settings.edits, EditRow(prompt, kind)))
+        return len(self.settings.edits)
+
+    def remove_edit(self, row: int) -> None:
+        self._check_row(row, edits_only=True)
+        if len(self.settings.edits) == 1:
+            self.update(edits=(EditRow(),))
+        else:
+            self.update(edits=tuple(e for i, e in enumerate(self.settings.edits, start=1) if i != row))
+        selected = self.state.selected
+        if selected is not None and selected[0] >= row:
+            self._replace(selected=None)
+
+    def set_edit(self, row: int, prompt: str | None = None, kind: str | None = None) -> bool:
+        """Change edit row ``row`` (1-based; ``add_edit`` first if it does not exist).
+        Word choices stay on words that keep their text and position."""
+        self._check_row(row, edits_only=True)
+        old = self.settings.edits[row - 1]
+        try:
+            new = EditRow(old.prompt if prompt is None else prompt, old.kind if kind is None else kind, old.words)
+        except (ValueError, TypeError) as error:
+            self._fail(error)
+            return False
+        if prompt is not None and prompt != old.prompt:
+            before = self.words(row)
+            after = self._words_of(new.prompt or self.settings.source)
+            new = dataclasses.replace(new, words=_carry(old.words, before, after))
+        edits = list(self.settings.edits)
+        edits[row - 1] = new
+        return self.update(edits=tuple(edits))
+
+    def _check_row(self, row: int, edits_only: bool = False) -> None:
+        low = 1 if edits_only else 0
+        if isinstance(row, bool) or not isinstance(row, int) or not low <= row <= len(self.settings.edits):
+            what = "an edit row" if edits_only else "a row (0 = the source)"
+            raise ValueError(f"{what} is {low}..{len(self.settings.edits)}, not {row!r}")
+
+    def _words_of(self, text: str) -> tuple[Word, ...]:
+        try:
+            return tokenize(self.pipe.tokenizer, text).words
+        except ValueError:
+            return ()
+
+    def words(self, row: int) -> tuple[Word, ...]:
+        """The words of a row's prompt as the model tokenises them (row 0: the source)."""
+        self._check_row(row)
+        text = self.settings.source if row == 0 else (self.settings.edits[row - 1].prompt or self.settings.source)
+        return self._words_of(text)
+
+    def inferred_kind(self, row: int) -> str | None:
+        """The kind "auto" picks for an edit row ("swap" or "refine"), or None while a
+        prompt is empty or too long."""
+        self._check_row(row, edits_only=True)
+        try:
+            source = tokenize(self.pipe.tokenizer, self.settings.source)
+            edit = self.settings.edits[row - 1]
+            target = tokenize(self.pipe.tokenizer, edit.prompt or self.settings.source)
+        except ValueError:
+            return None
+        return infer_kind(source, target)
+
+    def select_word(self, row: int, word: int | str) -> Word:
+        """Select a word (by index or text) of a row; returns it. The choices of
+        :meth:`choose` apply to the selected word of an edit row."""
+        self._check_row(row)
+        found = self._find_word(row, word)
+        self._replace(selected=(row, found.index))
+        return found
+
+    def _find_word(self, row: int, word: int | str) -> Word:
+        words = self.words(row)
+        listing = ", ".join(w.text for w in words) or "(none: the prompt is empty)"
+        if isinstance(word, int) and not isinstance(word, bool):
+            if 0 <= word < len(words):
+                return words[word]
+            raise ValueError(f"word {word} does not exist in row {row}; it has {len(words)} words: {listing}")
+        matches = [w for w in words if w.text.lower() == str(word).lower()]
+        if not matches:
+            raise ValueError(f"{word!r} is not in row {row}; its words are: {listing}")
+        return matches[0]
+
+    def choose(
+        self,
+        row: int,
+        word: int | str,
+        *,
+        weight: float | None = None,
+        preserve: bool | None = None,
+        local: bool | None = None,
+    ) -> WordChoice:
+        """Set a word's re-weight / preserve / local-edit choice on an edit row; the
+        word is selected. Returns the word's new choice."""
+        self._check_row(row)
+        if row == 0:
+            raise ValueError(
+                "re-weighting, preserving and local editing apply to an edited prompt; pick the word in an "
+                "edit row (leave the edited prompt empty to re-weight the source prompt itself)"
+            )
+        found = self._find_word(row, word)
+        edit = self.settings.edits[row - 1]
+        old = edit.choice(found.index)
+        changes = {k: v for k, v in dict(weight=weight, preserve=preserve, local=local).items() if v is not None}
+        new = dataclasses.replace(old, **changes)
+        choices = dict(edit.words)
+        if new.is_default:
+            choices.pop(found.index, None)
+        else:
+            choices[found.index] = new
+        edits = list(self.settings.edits)
+        edits[row - 1] = dataclasses.replace(edit, words=tuple(sorted(choices.items())))
+        with self._lock:
+            self.update(edits=tuple(edits))
+            self._replace(selected=(row, found.index))
+        return new
+
+    def _default_size(self) -> tuple[int, int]:
+        sample = self.pipe.unet.config.sample_size
+        height, width = (sample, sample) if isinstance(sample, int) else sample
+        factor = vae_factor(self.pipe)
+        return height * factor, width * factor
+
+    def size_options(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """(label, size) choices for the image size: the model's default first."""
+        factor = vae_factor(self.pipe)
+        default = self._default_size()[0]
+        sides = sorted({max(factor, round(default * scale / factor) * factor) for scale in (0.5, 0.75, 1.5, 2.0)} - {default})
+        return ((f"{default}x{default} (model default)", None), *((f"{s}x{s}", (s, s)) for s in sides))
+
+    def recipe(self) -> Recipe:
+        """The recipe the next run would use. Raises ValueError naming the problem."""
+        return self.settings.recipe(self.model)
+
+    # -- runs -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._state.running
+
+    def run(self, wait: bool = False) -> bool:
+        """Start a run of the current settings in a background thread.
+
+        Returns False (with ``state.error`` set) when the settings are invalid or a run
+        is already going; nothing else changes then. ``wait=True`` returns when done.
+        """
+        with self._lock:
+            if self.running:
+                self._fail("a run is already going; wait for it or cancel it")
+                return False
+            try:
+                recipe = self.recipe()
+                from ..control import plan_branches
+
+                plan_branches(recipe, self.pipe.tokenizer)  # word and alignment errors, before starting
+            except (ValueError, TypeError) as error:
+                self._fail(error)
+                return False
+            self._cancel.clear()
+            settings = self.settings
+            self._replace(status="running", error=None, message="starting...", step=0, steps=recipe.steps, preview=None)
+            self._thread = threading.Thread(target=self._work, args=(recipe, settings), name="p2p-run", daemon=True)
+            self._thread.start()
+        if wait:
+            self.wait()
+        return True
+
+    def _work(self, recipe: Recipe, settings: Settings) -> None:
+        started = time.perf_counter()
+
+        def progress(p: Progress) -> None:
+            changes: dict[str, Any] = dict(step=p.step + 1, steps=p.steps, message=f"step {p.step + 1}/{p.steps}")
+            if p.preview is not None:
+                changes["preview"] = p.preview
+            self._replace(**changes)
+
+        try:
+            result = run(self.pipe, recipe, callback=progress, preview_every=self.preview_every, cancel=self._cancel)
+        except Cancelled as stopped:
+            self._replace(status="cancelled", message=f"{stopped}; the pipeline is unchanged", error=None, preview=None)
+            return
+        except BaseException as error:  # shown in the panel; the kernel must not lose it
+            message = _readable(error)
+            self._replace(status="error", error=message, message=message, preview=None)
+            return
+        seconds = time.perf_counter() - started
+        number = max((e.number for e in self.state.history), default=0) + 1
+        entry = Entry(number, settings, result, seconds, _thumbnail(result.images))
+        view = dataclasses.replace(self.state.view, entry=number, branch=min(1, len(result.images) - 1), step=None)
+        self._replace(
+            status="done",
+            message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'})",
+            history=(*self.state.history, entry),
+            view=view,
+            preview=None,
+        )
+
+    def cancel(self) -> None:
+        """Stop the current run at its next step (the pipeline is restored)."""
+        if self.running:
+            self._cancel.set()
+            self._replace(message="cancelling...")
+
+    def wait(self, timeout: float | None = None) -> State:
+        """Block until the current run (if any) has finished; returns the state."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.state
+
+    # -- history ----------------------------------------------------------------------
+    def _entry(self, number: int | None) -> Entry:
+        if number is None:
+            number = self.state.view.entry
+        for entry in self.state.history:
+            if entry.number == number:
+                return entry
+        numbers = ", ".join(str(e.number) for e in self.state.history) or "none yet"
+        raise ValueError(f"there is no run {number!r} in the history (runs: {numbers})")
+
+    def restore(self, number: int) -> Entry:
+        """Show history entry ``number`` and put its settings back in the inputs."""
+        entry = self._entry(number)
+        view = dataclasses.replace(self.state.view, entry=number, branch=min(self.state.view.branch, len(entry.result.images) - 1))
+        self._replace(settings=entry.settings, view=view, selected=None, error=None, message=f"restored run {number}")
+        return entry
+
+    def export(self, folder: str | Path, number: int | None = None) -> list[Path]:
+        """Write a run's PNGs (recipe embedded) and recipe JSON, atomically; default the
+        run shown. Returns the paths."""
+        entry = self._entry(number)
+        paths = save_result(entry.result, folder, stem=f"p2p_run{entry.number}")
+        self._replace(message=f"saved {len(paths)} files to {Path(folder)}", error=None)
+        return paths
+
+    def load_recipe(self, source: str | Path | bytes, name: str = "the upload") -> tuple[str, ...]:
+        """Put a recipe's settings in the inputs, from a recipe JSON or PNG file (path or
+        bytes). Returns notes on what the panel cannot show; sets ``state.error`` and
+        changes nothing when the file holds no recipe."""
+        try:
+            recipe = recipe_from_bytes(source, name) if isinstance(source, (bytes, bytearray)) else read_recipe(source)
+            settings, notes = Settings.from_recipe(recipe)
+            if settings.size is not None and settings.size == self._default_size():
+                settings = dataclasses.replace(settings, size=None)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            self._fail(error)
+            raise
+        message = "recipe loaded" + (f" ({'; '.join(notes)})" if notes else "")
+        self._replace(settings=settings, selected=None, error=None, message=message)
+        return notes
+
+    # -- output views -----------------------------------------------------------------
+    def show(self, **changes: Any) -> View:
+        """Change what the output shows: ``entry``, ``branch``, ``step`` (None = all
+        steps), ``factor`` (None = all resolutions), ``overlay``, ``mode``."""
+        view = dataclasses.replace(self.state.view, **changes)
+        entry = self._entry(view.entry) if view.entry is not None else None
+        if entry is not None:
+            count = len(entry.result.images)
+            if isinstance(view.branch, bool) or not isinstance(view.branch, int) or not 0 <= view.branch < count:
+                raise ValueError(f"branch {view.branch!r} does not exist; this run has branches 0..{count - 1}")
+            record = entry.result.attention
+            steps = record.steps if record is not None else entry.result.recipe.steps
+            if view.step is not None and (isinstance(view.step, bool) or not isinstance(view.step, int) or not 0 <= view.step < steps):
+                raise ValueError(f"step {view.step!r} does not exist; this run has steps 0..{steps - 1} (None: all)")
+            if view.factor is not None and (record is None or view.factor not in record.factors):
+                have = ", ".join(str(f) for f in record.factors) if record is not None else "none"
+                raise ValueError(f"resolution factor {view.factor!r} was not recorded (factors: {have}; None: all)")
+        if view.mode not in ("heatmaps", "difference"):
+            raise ValueError(f"mode is 'heatmaps' or 'difference', not {view.mode!r}")
+        self._replace(view=view)
+        return view
+
+    def set_step(self, step: int | None) -> View:
+        """Scrub: show the heatmaps of one step (None: averaged over all steps)."""
+        return self.show(step=step)
+
+    def resolutions(self) -> tuple[tuple[str, int | None], ...]:
+        """(label, factor) of every resolution of the run shown, "all" first."""
+        entry = self.state.entry
+        if entry is None or entry.result.attention is None:
+            return (("all", None),)
+        record = entry.result.attention
+        sizes = [(f"{h}x{w}", f) for f in record.factors for h, w in [record.map_size(f)]]
+        return (("all", None), *sizes)
+
+    def _scrubber(self, entry: Entry, view: View):
+        from .. import plot
+
+        key = (entry.number, view.branch, view.factor, view.overlay)
+        scrubber = self._scrubbers.get(key)
+        if scrubber is None:
+            image = entry.result.images[view.branch]
+            tile = min(_TILE, image.height)
+            size = (tile, max(1, round(image.width * tile / image.height)))
+            scrubber = plot.Scrubber(entry.result, view.branch, factor=view.factor, alpha=0.5 if view.overlay else 1.0, size=size)
+            self._scrubbers[key] = scrubber
+            while len(self._scrubbers) > 8:
+                self._scrubbers.popitem(last=False)
+        self._scrubbers.move_to_end(key)
+        return scrubber
+
+    def heatmap_image(self) -> Image.Image | None:
+        """The output picture of the current view: one heatmap per word of the branch at
+        the chosen step (or the difference image), as one labelled image; None before
+        the first run."""
+        from .. import plot
+
+        view, entry = self.state.view, self.state.entry
+        if entry is None:
+            return None
+        if view.mode == "difference":
+            if view.branch == 0:
+                return plot.tile_images([entry.result.images[0]], ["the source: pick an edit to see its difference"])
+            parent = entry.result.branches[view.branch].parent
+            picture = plot.difference(entry.result, view.branch, gain=2.0)
+            return plot.tile_images([picture], [f"|edit {view.branch} - branch {parent}| x2"])
+        if entry.result.attention is None:
+            return None
+        scrubber = self._scrubber(entry, view)
+        steps = (0, scrubber.steps) if view.step is None else view.step
+        frames = scrubber.frame(steps)
+        return plot.tile_images(frames, list(scrubber.labels), columns=min(len(frames), 8))
+
+    def heatmap_png(self) -> bytes | None:
+        """:meth:`heatmap_image` as PNG bytes, cached per view: a scrub back to a step
+        already seen costs nothing."""
+        view, entry = self.state.view, self.state.entry
+        if entry is None:
+            return None
+        key = (entry.number, view)
+        frame = self._frames.get(key)
+        if frame is None:
+            image = self.heatmap_image()
+            if image is None:
+                return None
+            frame = png_bytes(image)
+            self._frames[key] = frame
+            while len(self._frames) > _FRAME_CACHE:
+                self._frames.popitem(last=False)
+        self._frames.move_to_end(key)
+        return frame
+
+    def images(self) -> Image.Image | None:
+        """The run shown, source and edits side by side with their prompts underneath."""
+        from .. import plot
+
+        entry = self.state.entry
+        if entry is None:
+            return None
+        result = entry.result
+        labels = [f'source: "{result.recipe.prompt}"'] + [
+            f'{kind} {i}: "{prompt}"' for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
+        ]
+        return plot.tile_images(result.images, labels)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    stream = io.BytesIO()
+    image.save(stream, format="PNG", compress_level=1)  # speed over size: frames are shown, not stored
+    return stream.getvalue()
+
+
+def _thumbnail(images: tuple[Image.Image, ...]) -> Image.Image:
+    scaled = [im.convert("RGB").resize((max(1, round(im.width * _THUMBNAIL / im.height)), _THUMBNAIL)) for im in images]
+    strip = Image.new("RGB", (sum(s.width for s in scaled) + 2 * (len(scaled) - 1), _THUMBNAIL), "white")
+    x = 0
+    for picture in scaled:
+        strip.paste(picture, (x, 0))
+        x += picture.width + 2
+    return strip
+
+
+def _carry(
+    choices: tuple[tuple[int, WordChoice], ...], before: tuple[Word, ...], after: tuple[Word, ...]
+) -> tuple[tuple[int, WordChoice], ...]:
+    """Word choices that survive a prompt change: the word at that index has the same text."""
+    kept = []
+    for index, choice in choices:
+        if index < len(before) and index < len(after) and before[index].text == after[index].text:
+            kept.append((index, choice))
+    return tuple(kept)
+
+
+def _keep_choices(new: Settings, old: Settings, tokenizer: Any) -> Settings:
+    """After a source change, edit rows that follow the source (empty prompt) keep only
+    the choices whose words are still there."""
+
+    def words(text: str) -> tuple[Word, ...]:
+        try:
+            return tokenize(tokenizer, text).words
+        except ValueError:
+            return ()
+
+    before, after = words(old.source), words(new.source)
+    edits = tuple(
+        dataclasses.replace(e, words=_carry(e.words, before, after)) if not e.prompt.strip() else e for e in new.edits
+    )
+    return dataclasses.replace(new, edits=edits)

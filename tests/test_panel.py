@@ -1,0 +1,330 @@
+"""The panel without a browser: widgets driven with .value and .click(), compared with the API."""
+
+import datetime
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from p2p_widgets import CrossWindow, LocalBlend, Recipe, Target, Window, run
+from p2p_widgets.panel import EditRow, P2PPanel, Session, Settings, WordChoice
+from p2p_widgets.panel import compat
+
+from conftest import processors_of
+
+SOURCE = "a cat riding a bicycle"
+EDIT = "a dog riding a bicycle"
+
+
+@pytest.fixture
+def panel(sd1):
+    panel = P2PPanel(sd1, SOURCE, [EDIT], steps=6, preview_every=2)
+    yield panel
+    panel.session.cancel()
+    panel.session.wait()
+    assert panel.view.errors == [], panel.view.errors  # no exception hidden inside a callback
+
+
+def _click_and_wait(panel, name="generate"):
+    panel.widgets[name].click()
+    return panel.session.wait(timeout=120)
+
+
+def _pixels(image):
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_generate_shows_the_same_images_as_the_api(panel, sd1):
+    panel.view.chip(1, 1).click()  # "dog"
+    panel.widgets["weight"].value = 2.0
+    panel.widgets["local"].value = True
+    state = _click_and_wait(panel)
+    assert state.status == "done", state.message
+    assert state.error is None
+    expected = run(
+        sd1,
+        Recipe(
+            SOURCE,
+            (Target(EDIT, cross=CrossWindow(Window(0.0, 0.8)), reweight=((1, 2.0),), blend=LocalBlend((1,))),),
+            steps=6,
+        ),
+    )
+    entry = state.entry
+    assert entry.number == 1 and len(state.history) == 1
+    assert torch.equal(entry.result.latents, expected.latents)
+    assert entry.result.recipe.targets[0].reweight == ((1, 2.0),)
+    # the output area shows the images and a heatmap grid
+    shown = Image.open(__import__("io").BytesIO(panel.widgets["images"].value))
+    assert shown.width >= 2 * expected.images[0].width
+    assert panel.widgets["heatmaps"].value
+    assert panel.widgets["progress"].value == panel.widgets["progress"].max
+    assert "run 1 done" in panel.widgets["status"].value
+
+
+def test_chips_show_the_tokenised_words_and_the_choices(panel):
+    session = panel.session
+    words = [b.description for b in panel.widgets["chips"].children[1].children[1:]]
+    assert words == ["a", "dog", "riding", "a", "bicycle"]
+    session.choose(1, "bicycle", weight=-1.0, preserve=True)
+    assert panel.view.chip(1, 4).description == "bicycle [x-1 keep]"
+    assert panel.view.chip(1, 4).button_style == "info"  # selected
+    # the editor follows the selected word
+    assert panel.widgets["weight"].value == -1.0 and panel.widgets["preserve"].value
+    panel.view.chip(0, 1).click()  # a source word: the editor is disabled, with a hint
+    assert panel.widgets["weight"].disabled
+    assert "edited prompt" in panel.widgets["word"].value
+    # a prompt change keeps choices on words that stay in place, drops the others
+    panel.view._edit_rows[0]["prompt"].value = "a dog riding a tricycle"
+    assert session.settings.edits[0].words == ()
+    session.choose(1, "dog", weight=3)
+    panel.view._edit_rows[0]["prompt"].value = "a dog riding a big tricycle"
+    assert dict(session.settings.edits[0].words) == {1: WordChoice(weight=3.0)}
+    assert session.settings.edits[0].kind == "auto"
+    assert "refine" in panel.view._edit_rows[0]["inferred"].value
+
+
+def test_scrubbing_changes_the_heatmaps_without_recomputing(panel, monkeypatch):
+    assert _click_and_wait(panel).status == "done"
+    import p2p_widgets.panel.session as session_module
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("scrubbing must not run the pipeline")
+
+    monkeypatch.setattr(session_module, "run", no_runs)
+    widgets = panel.widgets
+    averaged = widgets["heatmaps"].value
+    widgets["step"].value = 2
+    assert not widgets["all_steps"].value
+    widgets["step"].value = 1
+    first = widgets["heatmaps"].value
+    widgets["step"].value = 6
+    last = widgets["heatmaps"].value
+    assert len({averaged, first, last}) == 3
+    assert panel.session.state.view.step == 5
+    widgets["step"].value = 1
+    assert widgets["heatmaps"].value == first  # the cached frame
+    widgets["all_steps"].value = True
+    assert widgets["heatmaps"].value == averaged
+    # other views: raw maps, one resolution, the difference image, another branch
+    widgets["overlay"].value = False
+    assert widgets["heatmaps"].value != averaged
+    factor = widgets["resolution"].options[1][1]
+    widgets["resolution"].value = factor
+    assert panel.session.state.view.factor == factor
+    widgets["mode"].value = "difference"
+    difference = widgets["heatmaps"].value
+    widgets["branch"].value = 0
+    assert widgets["heatmaps"].value != difference
+
+
+def test_scrub_frames_match_the_plot_functions(panel):
+    from p2p_widgets import plot
+
+    assert _click_and_wait(panel).status == "done"
+    session = panel.session
+    session.show(branch=0, step=2)
+    result = session.state.entry.result
+    scrubber = plot.Scrubber(result, 0, size=(32, 32))
+    expected = plot.tile_images(scrubber.frame(2), list(scrubber.labels))
+    assert np.array_equal(_pixels(session.heatmap_image()), _pixels(expected))
+
+
+def test_cancel_mid_run_leaves_the_pipeline_clean_and_the_panel_usable(panel, sd1):
+    before = processors_of(sd1)
+    session = panel.session
+    stop = threading.Event()
+
+    def cancel_at_step_two(state):
+        if state.running and state.step == 2 and not stop.is_set():
+            stop.set()
+            panel.widgets["cancel"].click()
+
+    session.update(steps=30)
+    session.observe(cancel_at_step_two)
+    state = _click_and_wait(panel)
+    session.unobserve(cancel_at_step_two)
+    assert state.status == "cancelled"
+    assert "cancelled at step" in panel.widgets["status"].value
+    assert state.history == ()
+    assert processors_of(sd1) == before
+    assert not panel.widgets["generate"].disabled and panel.widgets["cancel"].disabled
+    session.update(steps=4)
+    assert _click_and_wait(panel).status == "done"
+
+
+def test_a_second_click_while_running_does_not_start_a_second_run(panel):
+    session = panel.session
+    release = threading.Event()
+    clicked = []
+
+    def hold(state):  # at the run's first step, click again (from inside the run)
+        if state.running and state.step == 1 and not release.is_set():
+            release.set()
+            clicked.append(session.run())
+
+    session.observe(hold)
+    panel.widgets["generate"].click()
+    release.wait(60)
+    state = session.wait(timeout=120)
+    session.unobserve(hold)
+    assert clicked == [False]
+    assert state.status == "done" and len(state.history) == 1
+    assert "already" in (state.error or "") or state.error is None  # the note may be replaced by the run's end
+
+
+def test_errors_are_shown_and_history_kept(panel, sd1, monkeypatch):
+    session = panel.session
+    assert _click_and_wait(panel).status == "done"
+    kept = session.state.history
+    # bad input: shown, nothing started
+    panel.view._edit_rows[0]["kind"].value = "swap"
+    panel.view._edit_rows[0]["prompt"].value = "a dog riding a red bicycle"
+    panel.widgets["generate"].click()
+    assert not session.running
+    assert "refine" in session.state.error and "&#9888;" in panel.widgets["status"].value
+    assert session.state.history == kept
+    # a failure inside the run (here: out of memory), shown readably
+    import p2p_widgets.panel.session as session_module
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(session_module, "run", out_of_memory)
+    session.set_edit(1, kind="auto")
+    state = _click_and_wait(panel)
+    assert state.status == "error" and "out of memory" in state.error and "fewer" in state.error
+    assert state.history == kept and state.entry is kept[0]
+    monkeypatch.undo()
+    assert _click_and_wait(panel).status == "done"
+    assert len(session.state.history) == 2 and session.state.error is None
+
+
+def test_history_restores_settings_and_images(panel):
+    session = panel.session
+    assert _click_and_wait(panel).status == "done"
+    first = session.state.history[0]
+    panel.widgets["seed"].value = 7
+    session.choose(1, "dog", weight=3.0)
+    assert _click_and_wait(panel).status == "done"
+    assert len(panel.widgets["history"].children) == 2
+    second_images = panel.widgets["images"].value
+    restore = panel.widgets["history"].children[0].children[1]
+    restore.click()
+    assert session.settings == first.settings
+    assert panel.widgets["seed"].value == 0
+    assert panel.view.chip(1, 1).description == "dog"
+    assert panel.widgets["images"].value != second_images
+    assert session.state.view.entry == 1
+
+
+def test_export_and_load_recipe(panel, sd1, tmp_path):
+    session = panel.session
+    session.choose(1, "dog", weight=2.5)
+    session.update(seed=3)
+    assert _click_and_wait(panel).status == "done"
+    panel.widgets["folder"].value = str(tmp_path)
+    panel.widgets["export"].click()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["p2p_run1.json", "p2p_run1_0.png", "p2p_run1_1.png"]
+    recipe = json.loads((tmp_path / "p2p_run1.json").read_text())
+    assert recipe["seed"] == 3 and recipe["targets"][0]["reweight"] == [[1, 2.5]]
+    # change everything, then load the PNG back: the settings return
+    saved = session.settings
+    session.update(seed=11, steps=3, source="a cat riding a horse")
+    panel.widgets["recipe_path"].value = str(tmp_path / "p2p_run1_1.png")
+    panel.widgets["load"].click()
+    assert session.settings == saved
+    assert panel.widgets["seed"].value == 3 and panel.widgets["source"].value == SOURCE
+    # bad files: a readable message, settings untouched
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    panel.widgets["recipe_path"].value = str(tmp_path / "notes.json")
+    panel.widgets["load"].click()
+    assert "not a recipe" in session.state.error
+    assert session.settings == saved
+    panel.view.errors.clear()  # the load button's error is expected here
+
+
+def test_upload_recipe_in_both_widget_versions(panel, tmp_path):
+    session = panel.session
+    recipe = Recipe("a cat riding a horse", (Target("a cat riding a zebra", reweight={"zebra": 2.0}),), seed=5, steps=4)
+    data = recipe.to_json().encode()
+    upload = panel.widgets["upload"]
+    if compat.MAJOR >= 8:
+        upload.value = ({"name": "r.json", "type": "application/json", "size": len(data), "content": memoryview(data), "last_modified": datetime.datetime(2026, 1, 1)},)
+    else:
+        upload.metadata = [{"name": "r.json", "type": "application/json", "size": len(data), "lastModified": 0}]
+        upload.data = [data]
+        upload._counter = 1  # what the browser sends last
+    assert session.settings.source == "a cat riding a horse"
+    assert session.settings.seed == 5
+    assert session.settings.edits[0].choice(4).weight == 2.0
+    assert compat.uploaded_files(upload) == []  # emptied, so the same file can be chosen again
+
+
+def test_settings_round_trip_through_recipes():
+    settings = Settings(
+        source=SOURCE,
+        edits=(EditRow(EDIT, words=((1, WordChoice(2.0, local=True)),)), EditRow("", "refine", ((4, WordChoice(preserve=True)),))),
+        seed=9,
+        steps=12,
+        guidance=5.0,
+        size=(48, 64),
+        cross=(0.1, 0.7),
+        self_attn=(0.0, 0.3),
+        threshold=0.4,
+    )
+    recipe = settings.recipe()
+    assert recipe.targets[1].prompt == SOURCE  # an empty edited prompt re-weights the source
+    back, notes = Settings.from_recipe(recipe)
+    assert notes == ()
+    assert back == Settings(**{**settings.__dict__, "edits": (settings.edits[0], EditRow(SOURCE, "refine", settings.edits[1].words))})
+    # what the panel cannot show is reported, not silently dropped
+    chained = Recipe(SOURCE, (Target(EDIT), Target("a dog riding a horse", parent=1, cross={"default_": 0.5, "dog": 0.2})))
+    _, notes = Settings.from_recipe(chained)
+    assert any("parent" in n for n in notes) and any("per-word" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.update(steps=0), "steps must be at least 1"),
+        (lambda s: s.update(cross=(0.9, 0.2)), "start"),
+        (lambda s: s.update(threshold=1.5), "threshold"),
+        (lambda s: s.update(colour="red"), "unknown setting"),
+        (lambda s: s.set_edit(1, kind="replace"), "auto, swap, refine"),
+    ],
+)
+def test_bad_settings_are_refused_whole(sd1, call, message):
+    session = Session(sd1, Settings(source=SOURCE, edits=(EditRow(EDIT),)))
+    before = session.settings
+    assert call(session) is False
+    assert message in session.state.error
+    assert session.settings == before
+
+
+def test_word_errors_name_the_words(sd1):
+    session = Session(sd1, Settings(source=SOURCE, edits=(EditRow(EDIT),)))
+    with pytest.raises(ValueError, match="'lion' is not in row 1; its words are: a, dog, riding, a, bicycle"):
+        session.choose(1, "lion", weight=2)
+    with pytest.raises(ValueError, match="apply to an edited prompt"):
+        session.choose(0, "cat", weight=2)
+    with pytest.raises(ValueError, match="edit row is 1..1"):
+        session.set_edit(3, prompt="x")
+    with pytest.raises(ValueError, match="no run 4"):
+        session.restore(4)
+
+
+def test_edit_rows_add_and_remove(panel):
+    session = panel.session
+    panel.widgets["add_edit"].click()
+    assert len(panel.view._edit_rows) == 2
+    panel.view._edit_rows[1]["prompt"].value = "a cat riding a red bicycle"
+    assert session.inferred_kind(2) == "refine"
+    assert _click_and_wait(panel).status == "done"
+    assert session.state.entry.result.kinds == ("source", "swap", "refine")
+    assert [label for label, _ in panel.widgets["branch"].options] == ["source", "edit 1", "edit 2"]
+    panel.view._edit_rows[0]["remove"].click()
+    assert [e.prompt for e in session.settings.edits] == ["a cat riding a red bicycle"]
