@@ -11,7 +11,11 @@ the values), and a 512x512 image. Then, in one process:
   512x512 RGB overlay per word, as PIL images;
 * ``range_ms``: the same for a random step range (the maps are averaged first);
 * ``slow_ms``: the same overlays through the general ``overlay()`` function per word,
-  without the precomputation, for comparison; ``speedup`` = slow / scrub.
+  without the precomputation, for comparison; ``speedup`` = slow / scrub;
+* ``panel_ms``: what the panel does for a slider move to a step not seen before: the
+  session renders every word's overlay at its tile size (192 px), lays them out with
+  labels and encodes the PNG the Image widget shows; ``panel_cached_ms``: a move back to
+  a step already seen (the encoded frame is kept).
 
 Prints one JSON line. ``python benchmarks/heatmap_scrub.py [--size 512] [--words 10]``
 """
@@ -96,6 +100,28 @@ def main() -> None:
         return [overlay(result.images[0], m) for m in maps.maps]
 
     slow_ms = median_ms(slow, max(5, args.repeats // 5))
+
+    from p2p_widgets.panel.session import Entry, Session, Settings, View
+
+    parts = {name: object() for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    session = Session(SimpleNamespace(**parts))
+    session._replace(history=(Entry(1, Settings(), result, 0.0, result.images[0]),), view=View(entry=1, branch=0))
+
+    def panel_new_step():
+        session._frames.clear()
+        session.set_step(chooser.randrange(args.steps))
+        return session.heatmap_png()
+
+    def panel_seen_step():
+        session.set_step(chooser.randrange(args.steps))
+        return session.heatmap_png()
+
+    panel_new_step()  # the Scrubber is built on the first frame
+    panel_ms = median_ms(panel_new_step, args.repeats)
+    for step in range(args.steps):
+        session.set_step(step)
+        session.heatmap_png()
+    panel_cached_ms = median_ms(panel_seen_step, args.repeats)
     print(
         json.dumps(
             {
@@ -108,6 +134,8 @@ def main() -> None:
                 "precompute_ms": round(precompute_ms, 1),
                 "slow_ms": round(slow_ms, 2),
                 "speedup": round(slow_ms / scrub, 2),
+                "panel_ms": round(panel_ms, 2),
+                "panel_cached_ms": round(panel_cached_ms, 3),
                 "threads": args.threads,
                 "cpus": os.cpu_count(),
             }

@@ -111,9 +111,9 @@ def test_scrubbing_changes_the_heatmaps_without_recomputing(panel, monkeypatch):
     # other views: raw maps, one resolution, the difference image, another branch
     widgets["overlay"].value = False
     assert widgets["heatmaps"].value != averaged
-    factor = widgets["resolution"].options[1][1]
-    widgets["resolution"].value = factor
-    assert panel.session.state.view.factor == factor
+    assert [label for label, _ in widgets["resolution"].options] == ["all", "16x16", "8x8"]
+    widgets["resolution"].value = 2
+    assert panel.session.state.view.factor == 2
     widgets["mode"].value = "difference"
     difference = widgets["heatmaps"].value
     widgets["branch"].value = 0
@@ -127,7 +127,7 @@ def test_scrub_frames_match_the_plot_functions(panel):
     session = panel.session
     session.show(branch=0, step=2)
     result = session.state.entry.result
-    scrubber = plot.Scrubber(result, 0, size=(32, 32))
+    scrubber = plot.Scrubber(result, 0, size=(128, 128))  # 32 px images are shown at least 128 px high
     expected = plot.tile_images(scrubber.frame(2), list(scrubber.labels))
     assert np.array_equal(_pixels(session.heatmap_image()), _pixels(expected))
 
@@ -328,3 +328,19 @@ def test_edit_rows_add_and_remove(panel):
     assert [label for label, _ in panel.widgets["branch"].options] == ["source", "edit 1", "edit 2"]
     panel.view._edit_rows[0]["remove"].click()
     assert [e.prompt for e in session.settings.edits] == ["a cat riding a red bicycle"]
+
+
+def test_size_choices(panel, sd1):
+    session = panel.session
+    labels = [label for label, _ in panel.widgets["size"].options]
+    assert labels[0] == "32x32 (model default)" and "64x64" in labels
+    panel.widgets["size"].value = labels.index("64x64")
+    assert session.settings.size == (64, 64)
+    assert _click_and_wait(panel).status == "done"
+    assert session.state.entry.result.images[1].size == (64, 64)
+    # a recipe with a size the list lacks adds it; the model's default size maps to the default entry
+    session.load_recipe(Recipe(SOURCE, (EDIT,), height=40, width=24).to_json().encode(), "r.json")
+    assert session.settings.size == (40, 24)
+    assert panel.widgets["size"].options[panel.widgets["size"].value][0] == "40x24"
+    session.load_recipe(Recipe(SOURCE, (EDIT,), height=32, width=32).to_json().encode(), "r.json")
+    assert session.settings.size is None and panel.widgets["size"].value == 0

@@ -46,7 +46,8 @@ Mode = Literal["heatmaps", "difference"]
 
 _WEIGHT_RANGE = (-2.0, 5.0)  # the re-weight slider's range; code may go beyond it
 _THUMBNAIL = 96  # history thumbnails: height in pixels
-_TILE = 192  # heatmap tiles: at most this many pixels high
+_TILE = (128, 192)  # heatmap tiles: this many pixels high at least / at most
+_DISPLAY = (160, 320)  # the run's images: this many pixels high at least / at most
 _FRAME_CACHE = 256  # encoded heatmap frames kept (PNG bytes)
 
 
@@ -692,7 +693,7 @@ class Session:
         scrubber = self._scrubbers.get(key)
         if scrubber is None:
             image = entry.result.images[view.branch]
-            tile = min(_TILE, image.height)
+            tile = _display_height(image.height, _TILE)
             size = (tile, max(1, round(image.width * tile / image.height)))
             scrubber = plot.Scrubber(entry.result, view.branch, factor=view.factor, alpha=0.5 if view.overlay else 1.0, size=size)
             self._scrubbers[key] = scrubber
@@ -753,7 +754,12 @@ class Session:
         labels = [f'source: "{result.recipe.prompt}"'] + [
             f'{kind} {i}: "{prompt}"' for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
         ]
-        return plot.tile_images(result.images, labels)
+        return plot.tile_images(result.images, labels, tile=_display_height(result.images[0].height, _DISPLAY))
+
+
+def _display_height(height: int, bounds: tuple[int, int]) -> int:
+    """Small models' images are scaled up to be seen, large ones down to fit a notebook."""
+    return max(bounds[0], min(bounds[1], height))
 
 
 def png_bytes(image: Image.Image) -> bytes:

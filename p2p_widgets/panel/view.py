@@ -33,6 +33,12 @@ def _png(image: Any) -> bytes:
     return png_bytes(image)
 
 
+def _show(image: widgets.Image, png: bytes) -> None:
+    """Show a PNG at its own pixel size (an Image widget otherwise stretches to the cell)."""
+    image.value = png
+    image.width = str(int.from_bytes(png[16:20], "big"))  # the IHDR chunk's width
+
+
 class PanelView:
     """Widgets for a session. ``root`` is the panel; ``widgets`` maps names to widgets."""
 
@@ -59,7 +65,8 @@ class PanelView:
         w["new_seed"] = compat.tooltip(widgets.Button(description="new seed", layout=widgets.Layout(width="100px")), "draw a random seed")
         w["steps"] = widgets.IntSlider(min=1, max=100, description="steps", style=_WIDE, continuous_update=False)
         w["guidance"] = widgets.FloatSlider(min=1.0, max=15.0, step=0.5, description="guidance", style=_WIDE, continuous_update=False)
-        w["size"] = widgets.Dropdown(options=list(session.size_options()), description="size", style=_WIDE)
+        self._sizes = list(session.size_options())  # Dropdown values are indices: None means "no selection" in 8.x
+        w["size"] = widgets.Dropdown(options=[(label, i) for i, (label, _) in enumerate(self._sizes)], description="size", style=_WIDE)
         w["cross"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="cross inject", style=_WIDE, continuous_update=False)
         w["self_attn"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="self inject", style=_WIDE, continuous_update=False)
         w["threshold"] = widgets.FloatSlider(min=0.05, max=0.95, step=0.05, description="blend k", style=_WIDE, continuous_update=False)
@@ -68,18 +75,19 @@ class PanelView:
         w["cancel"] = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
         w["progress"] = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="300px"))
         w["status"] = widgets.HTML()
-        w["preview"] = widgets.Image(format="png", layout=widgets.Layout(display="none"))
+        w["preview"] = widgets.Image(format="png", layout=widgets.Layout(display="none", max_width="100%"))
         # -- output
-        w["images"] = widgets.Image(format="png")
+        w["images"] = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         w["branch"] = widgets.Dropdown(description="heatmaps of", options=[("source", 0)], style=_WIDE)
-        w["mode"] = widgets.ToggleButtons(options=[("heatmaps", "heatmaps"), ("difference", "difference")])
-        w["overlay"] = widgets.ToggleButtons(options=[("overlay", True), ("raw", False)])
-        w["resolution"] = widgets.Dropdown(description="resolution", options=[("all", None)], style=_WIDE)
+        w["mode"] = widgets.ToggleButtons(options=[("heatmaps", "heatmaps"), ("difference", "difference")], style={"button_width": "85px"})
+        w["overlay"] = widgets.ToggleButtons(options=[("overlay", True), ("raw", False)], style={"button_width": "70px"})
+        self._factors: list[int | None] = [None]
+        w["resolution"] = widgets.Dropdown(description="resolution", options=[("all", 0)], style=_WIDE)
         w["all_steps"] = widgets.Checkbox(value=True, description="average of all steps", indent=False)
         w["step"] = widgets.IntSlider(min=1, max=1, value=1, description="step", style=_WIDE)
         w["play"] = widgets.Play(min=1, max=1, value=1, interval=250, step=1)
         widgets.jslink((w["play"], "value"), (w["step"], "value"))
-        w["heatmaps"] = widgets.Image(format="png")
+        w["heatmaps"] = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         # -- history and files
         w["history"] = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         w["folder"] = widgets.Text(value="p2p_exports", description="folder", style=_WIDE)
@@ -88,6 +96,8 @@ class PanelView:
         w["load"] = widgets.Button(description="Load recipe")
         w["upload"] = widgets.FileUpload(accept=".png,.json", multiple=False, description="upload recipe")
 
+        for name in ("preview", "images", "heatmaps", "status", "step", "history"):
+            w[name].add_class(f"p2p-{name}")  # stable handles for browser tests and custom CSS
         settings_box = widgets.VBox(
             [
                 widgets.HBox([w["seed"], w["new_seed"]]),
@@ -160,7 +170,7 @@ class PanelView:
         w["new_seed"].on_click(self._guard(lambda _: s.new_seed()))
         self._on_value("steps", lambda value: s.update(steps=int(value)))
         self._on_value("guidance", lambda value: s.update(guidance=float(value)))
-        self._on_value("size", lambda value: s.update(size=value))
+        self._on_value("size", lambda index: s.update(size=self._sizes[index][1]))
         self._on_value("cross", lambda value: s.update(cross=tuple(value)))
         self._on_value("self_attn", lambda value: s.update(self_attn=tuple(value)))
         self._on_value("threshold", lambda value: s.update(threshold=float(value)))
@@ -169,7 +179,7 @@ class PanelView:
         self._on_value("branch", lambda value: s.show(branch=value))
         self._on_value("mode", lambda value: s.show(mode=value))
         self._on_value("overlay", lambda value: s.show(overlay=value))
-        self._on_value("resolution", lambda value: s.show(factor=value))
+        self._on_value("resolution", lambda index: s.show(factor=self._factors[index]))
         self._on_value("all_steps", lambda value: s.set_step(None if value else w["step"].value - 1))
         self._on_value("step", self._scrub)
         w["export"].on_click(self._guard(lambda _: s.export(w["folder"].value)))
@@ -242,10 +252,10 @@ class PanelView:
         self._set("seed", settings.seed)
         self._set("steps", settings.steps)
         self._set("guidance", settings.guidance)
-        sizes = self.widgets["size"]
-        if settings.size not in [value for _, value in sizes.options]:  # e.g. from a loaded recipe
-            sizes.options = [*sizes.options, (f"{settings.size[0]}x{settings.size[1]}", settings.size)]
-        self._set("size", settings.size)
+        if settings.size not in [size for _, size in self._sizes]:  # e.g. from a loaded recipe
+            self._sizes.append((f"{settings.size[0]}x{settings.size[1]}", settings.size))
+            self.widgets["size"].options = [(label, i) for i, (label, _) in enumerate(self._sizes)]
+        self._set("size", [size for _, size in self._sizes].index(settings.size))
         self._set("cross", settings.cross)
         self._set("self_attn", settings.self_attn)
         self._set("threshold", settings.threshold)
@@ -337,7 +347,7 @@ class PanelView:
         if state.preview:
             from .. import plot
 
-            preview.value = _png(plot.tile_images(state.preview))
+            _show(preview, _png(plot.tile_images(state.preview, tile=128)))
             preview.layout.display = None
         else:
             preview.layout.display = "none"
@@ -361,9 +371,11 @@ class PanelView:
             return
         result = entry.result
         if last is None or last.view.entry != state.view.entry or last.entry is None:
-            w["images"].value = _png(self.session.images())
+            _show(w["images"], _png(self.session.images()))
             w["branch"].options = [("source", 0)] + [(f"edit {i}", i) for i in range(1, len(result.images))]
-            w["resolution"].options = list(self.session.resolutions())
+            resolutions = self.session.resolutions()
+            self._factors = [factor for _, factor in resolutions]
+            w["resolution"].options = [(label, i) for i, (label, _) in enumerate(resolutions)]
             steps = result.attention.steps if result.attention is not None else result.recipe.steps
             w["step"].max = steps
             w["play"].max = steps
@@ -371,10 +383,10 @@ class PanelView:
         self._set("branch", view.branch)
         self._set("mode", view.mode)
         self._set("overlay", view.overlay)
-        self._set("resolution", view.factor)
+        self._set("resolution", self._factors.index(view.factor))
         self._set("all_steps", view.step is None)
         if view.step is not None:
             self._set("step", view.step + 1)
         frame = self.session.heatmap_png()
         if frame is not None and w["heatmaps"].value != frame:
-            w["heatmaps"].value = frame
+            _show(w["heatmaps"], frame)
