@@ -316,12 +316,7 @@ class Recipe:
                     "targets; use 0 for the source or the index of another target"
                 )
         _check_no_loops(targets)
-        for name in ("seed", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an integer, not {value!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        check_seed_and_steps(self.seed, self.steps)
         for name in ("guidance", "eta", "guidance_rescale", "self_max_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -375,6 +370,15 @@ class Recipe:
         if not isinstance(data, dict):
             raise ValueError("this is not a recipe: expected a JSON object")
         return cls.from_dict(data)
+
+
+def check_seed_and_steps(seed: Any, steps: Any) -> None:
+    """Raise a clear error unless ``seed`` is an integer and ``steps`` a positive one."""
+    for name, value in (("seed", seed), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, not {value!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
 
 
 def _check_no_loops(targets: tuple[Target, ...]) -> None:

@@ -293,6 +293,8 @@ def test_settings_round_trip_through_recipes():
         (lambda s: s.update(steps=0), "steps must be at least 1"),
         (lambda s: s.update(cross=(0.9, 0.2)), "start"),
         (lambda s: s.update(threshold=1.5), "threshold"),
+        (lambda s: s.update(guidance=float("nan")), "guidance must be a finite number"),
+        (lambda s: s.update(size=(0, 32)), "size is (height, width)"),
         (lambda s: s.update(colour="red"), "unknown setting"),
         (lambda s: s.set_edit(1, kind="replace"), "auto, swap, refine"),
     ],

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from p2p_widgets import edit
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.model import ModelConfig, build_pipeline
-from p2p_widgets.shapes.train import TrainConfig, _images, loss_weights, train
+from p2p_widgets.shapes.train import TrainConfig, _images, edge_weights, loss_weights, train
 
 TOY = ModelConfig(
     image_size=32, vae_channels=(8, 16), unet_channels=(16, 32), heads=2, text_width=16, text_layers=1, text_heads=2
@@ -88,3 +88,15 @@ def test_a_vae_can_be_reused_from_a_saved_model(tmp_path):
     for a, b in zip(first.vae.parameters(), again.vae.parameters()):
         assert torch.equal(a, b)
     assert again.vae.config.scaling_factor == first.vae.config.scaling_factor
+
+
+def test_edge_weights_favour_edges_and_keep_the_mean():
+    images = -torch.ones(2, 3, 16, 16)
+    images[0, 0, 4:12, 4:12] = 1.0  # a red square on black; the second image is flat
+    weights = edge_weights(images, 4.0)
+    assert weights.shape == (2, 1, 16, 16)
+    assert torch.allclose(weights.mean(), torch.tensor(1.0))
+    assert weights[0, 0, 4, 8] > 2 * weights[0, 0, 8, 8]  # the square's border vs its inside
+    assert weights[0, 0, 8, 8] == weights[0, 0, 0, 0]  # flat inside == flat outside
+    assert torch.equal(edge_weights(images, 0.0), torch.ones(2, 1, 16, 16))
+    assert torch.all(weights[1] == weights[1, 0, 0, 0])  # a flat image: no edges, one weight

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import random
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window
+from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window, check_seed_and_steps
 from ..engine import Cancelled, Progress, Result, run, vae_factor
 from ..files import read_recipe, recipe_from_bytes, save_result
 from ..prompts import Word, infer_kind, tokenize
@@ -128,12 +129,9 @@ class Settings:
         if not isinstance(self.source, str):
             raise TypeError(f"the source prompt is a string, not {type(self.source).__name__}")
         object.__setattr__(self, "edits", tuple(self.edits))
-        for name in ("seed", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an integer, not {value!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        check_seed_and_steps(self.seed, self.steps)
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            raise TypeError(f"guidance must be a finite number, not {self.guidance!r}")
         for name in ("cross", "self_attn"):
             window = Window.parse(getattr(self, name))  # validates
             object.__setattr__(self, name, (window.start, window.end))

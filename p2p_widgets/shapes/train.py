@@ -3,8 +3,9 @@
 Two stages, both on freshly rendered scenes (no data set on disk; every batch is drawn
 from a seed, so a run is reproducible on the same machine):
 
-1. the VAE: reconstruct images, mean squared error plus a small KL term; then the latent
-   scaling factor is set to 1 / std of the latents, as Stable Diffusion's 0.18215 does;
+1. the VAE: reconstruct images, a mean squared error weighted up at edges (see
+   :func:`edge_weights`) plus a small KL term; then the latent scaling factor is set to
+   1 / std of the latents, as Stable Diffusion's 0.18215 does;
 2. the UNet and the text encoder, jointly, with the denoising objective of Stable
    Diffusion: ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, predict ``eps``; 10% of
    captions are dropped to "" so classifier-free guidance works. Two standard speed-ups
@@ -29,13 +30,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
 from .data import batch
 from .model import ModelConfig, build_pipeline, scheduler_config
 
-__all__ = ["TrainConfig", "loss_weights", "train", "train_vae", "train_denoiser", "main"]
+__all__ = ["TrainConfig", "edge_weights", "loss_weights", "train", "train_vae", "train_denoiser", "main"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TrainConfig:
     vae_steps: int = 1500
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_edge_weight: float = 4.0
     denoiser_steps: int = 12000
     denoiser_lr: float = 5e-4
     text_lr_scale: float = 1.0
@@ -84,6 +85,27 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 Report = Callable[[str, int, int, float], None]  # (stage, step, steps, loss)
 
 
+def edge_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel weights of the VAE's squared error: ``1 + weight * edge``, where ``edge``
+    (in [0, 1]) is the largest channel step to a 4-neighbour, summed over the neighbours.
+
+    Flat shapes are mostly flat colour: a plain mean squared error is dominated by the
+    interiors and background, and a short training blurs small stars and triangles into
+    circles (the shape is in the edges). Weighting the edges makes the decoder draw them.
+    Returns (batch, 1, height, width), normalised to mean 1 over the batch.
+    """
+    # (batch, 1, h, w-1) and (batch, 1, h-1, w): the step to the right / downward neighbour
+    across = (images[..., :, 1:] - images[..., :, :-1]).abs().amax(1, keepdim=True)
+    down = (images[..., 1:, :] - images[..., :-1, :]).abs().amax(1, keepdim=True)
+    edge = torch.zeros_like(images[:, :1])
+    edge[..., :, 1:] += across
+    edge[..., :, :-1] += across
+    edge[..., 1:, :] += down
+    edge[..., :-1, :] += down
+    weights = 1 + weight * edge.clamp(max=1)
+    return weights / weights.mean()
+
+
 def train_vae(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report | None = None) -> float:
     """Stage 1. Returns the latent scaling factor it set on the VAE."""
     vae, size = pipe.vae, config.model.image_size
@@ -96,7 +118,8 @@ def train_vae(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report
         images, _ = _images(_data_seed(config, _VAE, step), config.batch_size, size)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, images) + config.vae_kl_weight * posterior.kl().mean()
+        squared = (reconstruction - images).pow(2) * edge_weights(images, config.vae_edge_weight)
+        loss = squared.mean() + config.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
