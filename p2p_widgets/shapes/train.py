@@ -45,12 +45,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     batch_size: int = 32
-    vae_steps: int = 1500
-    vae_lr: float = 1e-3
+    vae_steps: int = 2000
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 4.0
     denoiser_steps: int = 12000
-    denoiser_lr: float = 5e-4
+    denoiser_lr: float = 1.5e-3
     text_lr_scale: float = 1.0
     warmup_steps: int = 200
     caption_dropout: float = 0.1
