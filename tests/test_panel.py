@@ -346,3 +346,15 @@ def test_size_choices(panel, sd1):
     assert panel.widgets["size"].options[panel.widgets["size"].value][0] == "40x24"
     session.load_recipe(Recipe(SOURCE, (EDIT,), height=32, width=32).to_json().encode(), "r.json")
     assert session.settings.size is None and panel.widgets["size"].value == 0
+
+
+def test_panel_starts_with_an_example_and_shows_itself(sd1, monkeypatch):
+    panel = P2PPanel(sd1)
+    assert panel.session.settings.source == "a cat riding a bicycle"
+    assert [e.prompt for e in panel.session.settings.edits] == ["a dog riding a bicycle"]
+    assert P2PPanel(sd1, "a red house").session.settings.edits == (EditRow(),)
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda widget: shown.append(widget))
+    panel._ipython_display_()
+    assert shown == [panel.root]
+    assert "runs=0" in repr(panel)

@@ -18,14 +18,21 @@ from .view import PanelView
 __all__ = ["P2PPanel", "Session", "Settings", "EditRow", "WordChoice", "State", "View", "Entry", "PanelView"]
 
 
+_EXAMPLES = {  # prompts to start from when none are given, by model name
+    "shapes": ("a big red circle and a small blue square on a black background", "a big red star and a small blue square on a black background"),
+}
+_DEFAULT_EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")
+
+
 class P2PPanel:
     """The Prompt-to-Prompt panel for a pipeline.
 
     Args:
         pipe: a Stable Diffusion pipeline, or a name for
             :func:`~p2p_widgets.models.load_pipeline` ("shapes", "tiny", a folder, a hub id).
-        source: the source prompt to start with.
-        edits: edited prompts to start with (strings or :class:`EditRow`).
+        source: the source prompt to start with (default: an example for the model).
+        edits: edited prompts to start with (strings or :class:`EditRow`; default: an
+            example edit when ``source`` is not given either).
         preview_every: a live preview every this many steps (0: none).
         **settings: other :class:`Settings` fields (seed, steps, guidance, size, cross,
             self_attn, threshold).
@@ -34,8 +41,8 @@ class P2PPanel:
     def __init__(
         self,
         pipe: Any,
-        source: str = "",
-        edits: tuple[str | EditRow, ...] | list[str | EditRow] = ("",),
+        source: str | None = None,
+        edits: tuple[str | EditRow, ...] | list[str | EditRow] | None = None,
         *,
         preview_every: int = 5,
         **settings: Any,
@@ -45,6 +52,9 @@ class P2PPanel:
             from ..models import load_pipeline
 
             model, pipe = pipe, load_pipeline(pipe)
+        if source is None:
+            source, example = _EXAMPLES.get(model or "", _DEFAULT_EXAMPLE)
+            edits = (example,) if edits is None else edits
         rows = tuple(e if isinstance(e, EditRow) else EditRow(e) for e in (edits or ("",)))
         self.session = Session(pipe, Settings(source=source, edits=rows, **settings), preview_every=preview_every, model=model)
         self.view = PanelView(self.session)
@@ -61,6 +71,9 @@ class P2PPanel:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
+        from .compat import enable_colab
+
+        enable_colab()  # a no-op outside Colab
         display(self.view.root)
 
     def __repr__(self) -> str:
