@@ -336,6 +336,7 @@ class Session:
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        self._render_lock = threading.RLock()  # the frame caches are shared by the run thread and the UI
         self._scrubbers: OrderedDict[tuple, Any] = OrderedDict()
         self._frames: OrderedDict[tuple, bytes] = OrderedDict()
 
@@ -704,41 +705,48 @@ class Session:
         """The output picture of the current view: one heatmap per word of the branch at
         the chosen step (or the difference image), as one labelled image; None before
         the first run."""
+        return self._render(self.state)
+
+    def _render(self, state: State) -> Image.Image | None:
         from .. import plot
 
-        view, entry = self.state.view, self.state.entry
+        view, entry = state.view, state.entry
         if entry is None:
             return None
         if view.mode == "difference":
+            tile = _display_height(entry.result.images[0].height, _DISPLAY)
             if view.branch == 0:
-                return plot.tile_images([entry.result.images[0]], ["the source: pick an edit to see its difference"])
+                return plot.tile_images([entry.result.images[0]], ["the source: pick an edit to see its difference"], tile=tile)
             parent = entry.result.branches[view.branch].parent
             picture = plot.difference(entry.result, view.branch, gain=2.0)
-            return plot.tile_images([picture], [f"|edit {view.branch} - branch {parent}| x2"])
+            return plot.tile_images([picture], [f"|edit {view.branch} - branch {parent}| x2"], tile=tile)
         if entry.result.attention is None:
             return None
-        scrubber = self._scrubber(entry, view)
-        steps = (0, scrubber.steps) if view.step is None else view.step
-        frames = scrubber.frame(steps)
+        with self._render_lock:
+            scrubber = self._scrubber(entry, view)
+            steps = (0, scrubber.steps) if view.step is None else view.step
+            frames = scrubber.frame(steps)
         return plot.tile_images(frames, list(scrubber.labels), columns=min(len(frames), 8))
 
     def heatmap_png(self) -> bytes | None:
         """:meth:`heatmap_image` as PNG bytes, cached per view: a scrub back to a step
         already seen costs nothing."""
-        view, entry = self.state.view, self.state.entry
+        state = self.state
+        view, entry = state.view, state.entry
         if entry is None:
             return None
         key = (entry.number, view)
-        frame = self._frames.get(key)
-        if frame is None:
-            image = self.heatmap_image()
-            if image is None:
-                return None
-            frame = png_bytes(image)
-            self._frames[key] = frame
-            while len(self._frames) > _FRAME_CACHE:
-                self._frames.popitem(last=False)
-        self._frames.move_to_end(key)
+        with self._render_lock:
+            frame = self._frames.get(key)
+            if frame is None:
+                image = self._render(state)
+                if image is None:
+                    return None
+                frame = png_bytes(image)
+                self._frames[key] = frame
+                while len(self._frames) > _FRAME_CACHE:
+                    self._frames.popitem(last=False)
+            self._frames.move_to_end(key)
         return frame
 
     def images(self) -> Image.Image | None:
