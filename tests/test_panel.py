@@ -358,3 +358,17 @@ def test_panel_starts_with_an_example_and_shows_itself(sd1, monkeypatch):
     panel._ipython_display_()
     assert shown == [panel.root]
     assert "runs=0" in repr(panel)
+
+
+def test_switching_runs_keeps_the_step_where_it_exists(panel):
+    session = panel.session
+    assert _click_and_wait(panel).status == "done"  # 6 steps
+    session.show(step=5, factor=2)
+    session.update(steps=3)
+    assert _click_and_wait(panel).status == "done"
+    assert session.state.view.step is None and panel.widgets["all_steps"].value  # run 2 has no step 5
+    assert session.state.view.factor == 2
+    session.set_step(2)
+    session.restore(1)
+    assert session.state.view.step == 2 and panel.widgets["step"].value == 3
+    assert panel.widgets["step"].max == 6

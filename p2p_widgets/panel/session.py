@@ -587,7 +587,7 @@ class Session:
         seconds = time.perf_counter() - started
         number = max((e.number for e in self.state.history), default=0) + 1
         entry = Entry(number, settings, result, seconds, _thumbnail(result.images))
-        view = dataclasses.replace(self.state.view, entry=number, branch=min(1, len(result.images) - 1), step=None)
+        view = _view_of(self.state.view, entry, branch=min(1, len(result.images) - 1))
         self._replace(
             status="done",
             message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'})",
@@ -622,7 +622,7 @@ class Session:
     def restore(self, number: int) -> Entry:
         """Show history entry ``number`` and put its settings back in the inputs."""
         entry = self._entry(number)
-        view = dataclasses.replace(self.state.view, entry=number, branch=min(self.state.view.branch, len(entry.result.images) - 1))
+        view = _view_of(self.state.view, entry, branch=min(self.state.view.branch, len(entry.result.images) - 1))
         self._replace(settings=entry.settings, view=view, selected=None, error=None, message=f"restored run {number}")
         return entry
 
@@ -761,6 +761,15 @@ class Session:
             f'{kind} {i}: "{prompt}"' for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
         ]
         return plot.tile_images(result.images, labels, tile=_display_height(result.images[0].height, _DISPLAY))
+
+
+def _view_of(view: View, entry: Entry, branch: int) -> View:
+    """The view switched to another run: the step and resolution are kept where that run
+    has them (else: all steps, all resolutions)."""
+    record = entry.result.attention
+    step = view.step if record is not None and view.step is not None and view.step < record.steps else None
+    factor = view.factor if record is not None and view.factor in record.factors else None
+    return dataclasses.replace(view, entry=entry.number, branch=branch, step=step, factor=factor)
 
 
 def _display_height(height: int, bounds: tuple[int, int]) -> int:
