@@ -372,3 +372,12 @@ def test_switching_runs_keeps_the_step_where_it_exists(panel):
     session.restore(1)
     assert session.state.view.step == 2 and panel.widgets["step"].value == 3
     assert panel.widgets["step"].max == 6
+
+
+def test_chips_are_rebuilt_only_when_words_change_and_old_ones_closed(panel):
+    first = panel.view.chip(1, 1)
+    panel.widgets["steps"].value = 9
+    assert panel.view.chip(1, 1) is first  # a setting that does not touch the words
+    panel.view._edit_rows[0]["prompt"].value = "a dog riding a tricycle"
+    assert panel.view.chip(1, 1) is not first
+    assert first.comm is None  # closed

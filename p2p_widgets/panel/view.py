@@ -33,6 +33,17 @@ def _png(image: Any) -> bytes:
     return png_bytes(image)
 
 
+def _replace_children(box: widgets.Box, children: list[widgets.Widget]) -> None:
+    """Put new children in a box and close the old ones (closed widgets free their
+    front-end models; rebuilt chips would otherwise pile up in the kernel and browser)."""
+    old = list(box.children)
+    box.children = children
+    for widget in old:
+        for child in getattr(widget, "children", ()):
+            child.close()
+        widget.close()
+
+
 def _show(image: widgets.Image, png: bytes) -> None:
     """Show a PNG at its own pixel size (an Image widget otherwise stretches to the cell)."""
     image.value = png
@@ -133,6 +144,8 @@ class PanelView:
             ]
         )
         self._edit_rows: list[dict[str, widgets.Widget]] = []
+        self._last_words: tuple | None = None
+        self._history_items: dict[int, widgets.Widget] = {}
         self._connect()
         session.observe(self._on_state)
         self._on_state(session.state)
@@ -229,7 +242,9 @@ class PanelView:
             try:
                 if last is None or state.settings != last.settings:
                     self._draw_settings(state)
-                if last is None or state.settings != last.settings or state.selected != last.selected:
+                words = self._words_key(state)
+                if words != self._last_words:
+                    self._last_words = words
                     self._draw_words(state)
                 self._draw_status(state)
                 if last is None or state.preview is not last.preview:
@@ -282,11 +297,16 @@ class PanelView:
             remove.on_click(self._guard(lambda _, r=row: self.session.remove_edit(r)))
             self._edit_rows.append(dict(prompt=prompt, kind=kind, inferred=inferred, remove=remove))
             rows.append(widgets.HBox([prompt, kind, inferred, remove]))
-        self.widgets["edits"].children = rows
+        _replace_children(self.widgets["edits"], rows)
 
     def chip(self, row: int, word: int) -> widgets.Button:
         """The chip button of a word (row 0: the source), for tests and notebooks."""
         return self.widgets["chips"].children[row].children[1 + word]
+
+    def _words_key(self, state: State) -> tuple:
+        """What the chips show: each row's prompt, its choices, the selected word."""
+        settings = state.settings
+        return (settings.source, tuple((e.prompt, e.words) for e in settings.edits), state.selected)
 
     def _draw_words(self, state: State) -> None:
         rows = []
@@ -308,7 +328,7 @@ class PanelView:
                 button.on_click(self._guard(lambda _, r=row, k=word.index: self.session.select_word(r, k)))
                 chips.append(button)
             rows.append(widgets.HBox(chips, layout=widgets.Layout(flex_flow="row wrap")))
-        self.widgets["chips"].children = rows
+        _replace_children(self.widgets["chips"], rows)
         selected = state.selected
         editable = selected is not None and selected[0] > 0
         for name in ("weight", "preserve", "local"):
@@ -353,16 +373,18 @@ class PanelView:
             preview.layout.display = "none"
 
     def _draw_history(self, state: State) -> None:
-        items = []
+        """One thumbnail and restore button per run; built once per run."""
         for entry in state.history:
+            if entry.number in self._history_items:
+                continue
             thumbnail = widgets.Image(value=_png(entry.thumbnail), format="png")
             button = compat.tooltip(
                 widgets.Button(description=f"restore run {entry.number}", layout=widgets.Layout(width="auto")),
                 entry.result.recipe.prompt,
             )
             button.on_click(self._guard(lambda _, n=entry.number: self.session.restore(n)))
-            items.append(widgets.VBox([thumbnail, button]))
-        self.widgets["history"].children = items
+            self._history_items[entry.number] = widgets.VBox([thumbnail, button])
+        self.widgets["history"].children = [self._history_items[e.number] for e in state.history]
 
     def _draw_output(self, state: State, last: State | None) -> None:
         w = self.widgets
