@@ -17,6 +17,7 @@ its edited branch; a target's map inside its window is ``Edit(M_parent, M_target
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from .processors import LayerPlace, map_size
 from .prompts import Alignment, Prompt, align, tokenize
 from .record import AttentionRecord
 
-__all__ = ["Branch", "plan_branches", "Controller"]
+__all__ = ["Branch", "plan_branches", "Controller", "blend_factor", "MIN_MASK_SIDE"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,24 @@ def _levels(parents: tuple[int, ...]) -> list[list[int]]:
         depth_of(branch)
     deepest = max(depth.values())
     return [[b for b in range(1, len(parents)) if depth[b] == d] for d in range(1, deepest + 1)]
+
+
+MIN_MASK_SIDE = 16  # local-blend masks are never coarser than this many cells, when maps allow
+
+
+def blend_factor(latent_size: tuple[int, int], cross_factors: Sequence[int]) -> int:
+    """The cross-attention resolution (downsampling factor) local-blend masks come from.
+
+    The paper uses SD's 16x16 maps at 512 px: a quarter of the 64x64 latent side. A
+    quarter is kept for larger latents (24x24 at 768 px), but small latents would get
+    masks of a few cells that cover everything once dilated (4x4 for a 16x16 latent), so
+    the wanted side is at least ``MIN_MASK_SIDE`` cells (or the latent side). The nearest
+    recorded resolution on a log scale wins; ties go to the finer one.
+    """
+    side = min(latent_size)
+    wanted = max(side / 4, min(MIN_MASK_SIDE, side))
+    sides = {f: min(map_size(latent_size, f)) for f in cross_factors}
+    return min(cross_factors, key=lambda f: (abs(math.log(sides[f] / wanted)), f))
 
 
 class Controller:
@@ -200,10 +219,7 @@ class Controller:
         if not blended:
             self.blend_factor = None
             return
-        # Masks come from maps at about a quarter of the latent side (16x16 for SD at 512 px).
-        wanted = min(self.latent_size) / 4
-        sides = {f: min(map_size(self.latent_size, f)) for f in self.cross_factors}
-        self.blend_factor = min(self.cross_factors, key=lambda f: (abs(math.log(sides[f] / wanted)), f))
+        self.blend_factor = blend_factor(self.latent_size, self.cross_factors)
         count = len(self.branches)
         own = torch.zeros(count, self.tokens)  # (branches, tokens): tokens of the blend words
         parent = torch.zeros(count, self.tokens)  # same, in the parent's prompt

@@ -131,7 +131,8 @@ class LocalBlend:
     After every step from ``start`` on, the target's latent is reset to its parent's
     outside a mask: the union of where ``words`` (in the target prompt) and
     ``parent_words`` (in the parent prompt) attend. Maps are averaged over the steps so
-    far at about a quarter of the latent side, dilated by a max-pool of radius
+    far at about a quarter of the latent side (at least 16x16 where maps allow; see
+    :func:`~p2p_widgets.control.blend_factor`), dilated by a max-pool of radius
     ``dilation``, normalised by their maximum and thresholded at ``threshold``.
 
     ``parent_words=None`` uses the parent's words aligned with ``words`` (for a swap

@@ -349,3 +349,21 @@ def test_recording_off_still_edits_and_blends(sd1):
     assert off.attention is None and on.attention is not None
     assert torch.equal(off.blend_masks, on.blend_masks)
     torch.testing.assert_close(off.latents, on.latents, **TIGHT)
+
+
+@pytest.mark.parametrize(
+    "latent, factors, expected",
+    [
+        ((64, 64), (1, 2, 4, 8), 4),  # SD at 512 px: the paper's 16x16 maps
+        ((96, 96), (1, 2, 4, 8), 4),  # SD at 768 px: a quarter of the side, 24x24
+        ((128, 128), (1, 2, 4, 8), 4),  # 1024 px: a quarter, 32x32
+        ((16, 16), (1, 2, 4), 1),  # the shapes model: 16x16, not 4x4 (that covers everything once dilated)
+        ((32, 32), (1, 2, 4, 8), 2),  # 256 px: 16x16
+        ((8, 12), (1, 2), 1),  # smaller than 16: the finest maps
+        ((64, 48), (2, 4), 4),  # the wanted side follows the shorter side; only some factors recorded
+    ],
+)
+def test_blend_masks_come_from_a_quarter_of_the_latent_but_at_least_16_cells(latent, factors, expected):
+    from p2p_widgets.control import blend_factor
+
+    assert blend_factor(latent, factors) == expected
