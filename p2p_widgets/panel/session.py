@@ -364,7 +364,8 @@ class Session:
             observer(state)
         return state
 
-    def _fail(self, error: BaseException | str) -> None:
+    def report(self, error: BaseException | str) -> None:
+        """Show an error (an exception or a message) in the panel's status line."""
         message = error if isinstance(error, str) else _readable(error)
         self._replace(error=message, message=message)
 
@@ -379,15 +380,15 @@ class Session:
         the settings as they were."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
         if unknown:
-            self._fail(f"unknown setting(s) {', '.join(unknown)}; settings: "
+            self.report(f"unknown setting(s) {', '.join(unknown)}; settings: "
                        f"{', '.join(f.name for f in dataclasses.fields(Settings))}")
             return False
         try:
             settings = dataclasses.replace(self.settings, **changes)
             if "source" in changes:
-                settings = _keep_choices(settings, self.settings, self.pipe.tokenizer)
+                settings = _keep_choices(settings, self.settings, self._words_of)
         except (ValueError, TypeError) as error:
-            self._fail(error)
+            self.report(error)
             return False
         self._replace(settings=settings, error=None)
         return True
@@ -423,7 +424,7 @@ class Session:
         try:
             new = EditRow(old.prompt if prompt is None else prompt, old.kind if kind is None else kind, old.words)
         except (ValueError, TypeError) as error:
-            self._fail(error)
+            self.report(error)
             return False
         if prompt is not None and prompt != old.prompt:
             before = self.words(row)
@@ -547,7 +548,7 @@ class Session:
         """
         with self._lock:
             if self.running:
-                self._fail("a run is already going; wait for it or cancel it")
+                self.report("a run is already going; wait for it or cancel it")
                 return False
             try:
                 recipe = self.recipe()
@@ -555,7 +556,7 @@ class Session:
 
                 plan_branches(recipe, self.pipe.tokenizer)  # word and alignment errors, before starting
             except (ValueError, TypeError) as error:
-                self._fail(error)
+                self.report(error)
                 return False
             self._cancel.clear()
             settings = self.settings
@@ -644,7 +645,7 @@ class Session:
             if settings.size is not None and settings.size == self._default_size():
                 settings = dataclasses.replace(settings, size=None)
         except (ValueError, TypeError, FileNotFoundError) as error:
-            self._fail(error)
+            self.report(error)
             raise
         message = "recipe loaded" + (f" ({'; '.join(notes)})" if notes else "")
         self._replace(settings=settings, selected=None, error=None, message=message)
@@ -804,17 +805,10 @@ def _carry(
     return tuple(kept)
 
 
-def _keep_choices(new: Settings, old: Settings, tokenizer: Any) -> Settings:
+def _keep_choices(new: Settings, old: Settings, words_of: Callable[[str], tuple[Word, ...]]) -> Settings:
     """After a source change, edit rows that follow the source (empty prompt) keep only
     the choices whose words are still there."""
-
-    def words(text: str) -> tuple[Word, ...]:
-        try:
-            return tokenize(tokenizer, text).words
-        except ValueError:
-            return ()
-
-    before, after = words(old.source), words(new.source)
+    before, after = words_of(old.source), words_of(new.source)
     edits = tuple(
         dataclasses.replace(e, words=_carry(e.words, before, after)) if not e.prompt.strip() else e for e in new.edits
     )

@@ -163,7 +163,7 @@ class PanelView:
             except Exception as error:  # shown in the status line, kept for tests
                 self.errors.append(f"{type(error).__name__}: {error}")
                 if self.session.state.error is None:
-                    self.session._fail(error)
+                    self.session.report(error)
                 else:
                     self._draw_status(self.session.state)
 
