@@ -137,14 +137,20 @@ def _size(pipe: Any, recipe: Recipe) -> tuple[int, int]:
     sample = pipe.unet.config.sample_size
     default = (sample if isinstance(sample, int) else sample[0]) * factor
     height, width = recipe.height or default, recipe.width or default
-    for name, value in (("height", height), ("width", width)):
-        if value % factor:
-            lower, upper = value - value % factor, value - value % factor + factor
-            raise ValueError(
-                f"{name} {value} is not a multiple of {factor} (the VAE's downsampling factor); "
-                f"use {lower or factor} or {upper}"
-            )
+    check_multiple("height", height, factor)
+    check_multiple("width", width, factor)
     return height, width
+
+
+def check_multiple(name: str, value: int, factor: int) -> None:
+    """Raise a ValueError suggesting the nearest valid sizes unless ``value`` is a
+    multiple of the VAE's downsampling ``factor``."""
+    if value % factor:
+        lower, upper = value - value % factor, value - value % factor + factor
+        raise ValueError(
+            f"{name} {value} is not a multiple of {factor} (the VAE's downsampling factor); "
+            f"use {lower or factor} or {upper}"
+        )
 
 
 def _encode(pipe: Any, ids: list[tuple[int, ...]], lengths: list[int], device: torch.device) -> torch.Tensor:
