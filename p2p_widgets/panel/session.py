@@ -369,9 +369,6 @@ class Session:
         message = error if isinstance(error, str) else _readable(error)
         self._replace(error=message, message=message)
 
-    def clear_error(self) -> None:
-        if self.state.error is not None:
-            self._replace(error=None)
 
     # -- settings ---------------------------------------------------------------------
     def update(self, **changes: Any) -> bool:
@@ -393,8 +390,6 @@ class Session:
         self._replace(settings=settings, error=None)
         return True
 
-    def set_source(self, prompt: str) -> bool:
-        return self.update(source=prompt)
 
     def new_seed(self) -> int:
         seed = random.SystemRandom().randrange(2**31)
