@@ -22,9 +22,9 @@ Design rules that make pixel measurement unambiguous:
 
 Geometry: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, i+1)`` in continuous
 coordinates, so ``center_x = 32.0`` is the middle of a 64 pixel image. An object's
-``scale`` in ``[0, 1]`` maps linearly to its diameter (bounding-box width) between 14
+``scale`` in ``[0, 1]`` maps linearly to its diameter (bounding-box width) between 18
 and 36 pixels at 64 pixels (proportionally at other sizes); ``scale < 0.5`` is called
-"small", the rest "big". Sampling draws small objects from scale ``[0, 0.25]`` and big
+"small", the rest "big". Sampling draws small objects from scale ``[0, 0.15]`` and big
 ones from ``[0.7, 1]``.
 
 Rendering draws each object's polygon at 4x supersampling with PIL (inset half a
@@ -109,10 +109,10 @@ _GRAMMAR_WORDS = ("a", "and", "on", "background")
 _TEXTURE_WORDS = tuple(t for t in TEXTURES if t != "plain")
 
 # Geometry at 64 pixels; everything scales with size / 64.
-_DIAMETER_SMALL = 14.0  # scale 0
+_DIAMETER_SMALL = 18.0  # scale 0 (smaller stars and triangles are hard to tell apart at 64 px)
 _DIAMETER_BIG = 36.0  # scale 1
-_SCALE_RANGES = {"small": (0.0, 0.25), "big": (0.7, 1.0)}
-_DEFAULT_SCALE = {"small": 0.125, "big": 0.85}
+_SCALE_RANGES = {"small": (0.0, 0.15), "big": (0.7, 1.0)}
+_DEFAULT_SCALE = {"small": 0.075, "big": 0.85}
 _SHADE = 0.55  # texture colour = _SHADE * object colour (same hue, darker)
 _STRIPE_PERIOD, _STRIPE_WIDTH = 5.5, 2.0  # pixels at 64: dark fraction ~0.36
 _DOT_PERIOD, _DOT_RADIUS = 6.0, 1.5  # hexagonal grid: dark fraction ~0.23

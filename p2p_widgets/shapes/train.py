@@ -122,6 +122,7 @@ def train_vae(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report
         loss = squared.mean() + config.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # lr 2e-3 spikes without it
         optimizer.step()
         schedule.step()
         if report is not None:
