@@ -3,7 +3,7 @@
 import numpy as np
 
 from p2p_widgets.shapes import ObjectWords, SceneWords, caption, place, render
-from p2p_widgets.shapes.evaluate import _correct, _dilate, _find, _iou, _psnr, _upsample, _word_indices
+from p2p_widgets.shapes.evaluate import _correct, _dilate, _find, _iou, _psnr, _threshold, _upsample, _word_indices
 
 SCENE = SceneWords(
     (ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black"
@@ -53,3 +53,13 @@ def test_heatmaps_upsample_to_the_image():
     heat = np.arange(16, dtype=np.float32).reshape(4, 4)
     big = _upsample(heat, 16)
     assert big.shape == (16, 16) and big[15, 15] == 15 and big[0, 3] == 0
+
+
+def test_heatmap_threshold_with_and_without_the_floor():
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:6] = True
+    heat = np.where(mask, 1.0, 0.6)  # a word map that keeps 0.6 of its peak everywhere
+    assert _iou(_threshold(heat, floor=True), mask) == 1.0
+    assert _threshold(heat, floor=False).all()  # divided by the peak only, everything passes
+    assert _iou(_threshold(heat, floor=False), mask) == mask.mean()
+    assert not _threshold(np.zeros((4, 4)), floor=True).any()  # a flat map selects nothing
