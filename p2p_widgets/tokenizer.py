@@ -93,6 +93,22 @@ def _vocab_and_merges(
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, tuple(ranks)
 
 
+def write_vocabulary_files(
+    folder: str | Path, words: tuple[str, ...] | list[str], split_words: dict[str, tuple[str, ...]] | None = None
+) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of :func:`word_tokenizer` into ``folder``.
+
+    transformers 5 saves a tokenizer as ``tokenizer.json`` only; older versions' CLIPTokenizer
+    loads from these two files, so a saved model folder carries both.
+    """
+    split = tuple(sorted((split_words or {}).items()))
+    vocab, merges = _vocab_and_merges(tuple(words), split)
+    root = Path(folder)
+    (root / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    (root / "merges.txt").write_text(merges_txt, encoding="utf-8")
+
+
 def word_tokenizer(
     words: tuple[str, ...] | list[str],
     split_words: dict[str, tuple[str, ...]] | None = None,
@@ -105,13 +121,8 @@ def word_tokenizer(
     tokenizes into smaller pieces, never to an unknown token. bos = ``<|startoftext|>``,
     eos = pad = ``<|endoftext|>`` (the last two ids), ``model_max_length = max_length``.
     """
-    split = tuple(sorted((split_words or {}).items()))
-    vocab, merges = _vocab_and_merges(tuple(words), split)
     with tempfile.TemporaryDirectory(prefix="p2p_word_tokenizer_") as tmp:
-        root = Path(tmp)
-        (root / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-        (root / "merges.txt").write_text(merges_txt, encoding="utf-8")
+        write_vocabulary_files(tmp, words, split_words)
         return CLIPTokenizer.from_pretrained(
             tmp, model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
         )

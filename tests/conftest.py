@@ -33,3 +33,13 @@ def processors_of(pipe):
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """The bundled shapes model, loaded by name, offline."""
+    from p2p_widgets.models import load_pipeline
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return load_pipeline("shapes")

@@ -71,7 +71,7 @@ class EvalSettings:
 
     @classmethod
     def quick(cls) -> EvalSettings:
-        return cls(prompts=12, swaps=8, blends=4, sweeps=3, steps=20)
+        return cls(prompts=40, swaps=24, blends=16, sweeps=8, steps=20)
 
 
 def _pixels(image) -> np.ndarray:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
-from .data import batch
+from ..tokenizer import write_vocabulary_files
+from .data import batch, vocabulary
 from .model import ModelConfig, build_pipeline, scheduler_config
 
 __all__ = ["TrainConfig", "edge_weights", "loss_weights", "train", "train_vae", "train_denoiser", "main"]
@@ -254,12 +255,16 @@ def train(
     pipe.vae.requires_grad_(False)
     out = None if out is None else Path(out)
 
+    def save(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        write_vocabulary_files(folder / "tokenizer", vocabulary())  # for transformers < 5
+
     def checkpoint(step: int) -> None:
-        pipe.save_pretrained(out / f"checkpoint-{step}", safe_serialization=True)
+        save(out / f"checkpoint-{step}")
 
     train_denoiser(pipe, config, report, checkpoint if out is not None else None, checkpoint_every)
     if out is not None:
-        pipe.save_pretrained(out, safe_serialization=True)
+        save(out)
         info = {
             "train_config": {**asdict(config), "model": config.model.to_dict()},
             "vae_from": None if vae_from is None else str(vae_from),
