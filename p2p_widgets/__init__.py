@@ -3,6 +3,8 @@
 >>> from p2p_widgets import edit, Target, LocalBlend
 >>> result = edit(pipe, "a cat riding a bicycle", Target("a dog riding a bicycle"))
 >>> result.images  # source first, then every target
+>>> inverted = invert(pipe, "photo.jpg", "a cat riding a bicycle")  # a real image
+>>> inverted.edit(pipe, Target("a dog riding a bicycle")).images
 
 Pictures of a run (heatmaps, overlays, grids, galleries) are in ``p2p_widgets.plot``,
 imported on first use (it loads matplotlib). The widget panel is imported lazily
@@ -17,6 +19,7 @@ from .control import Branch, Controller, plan_branches
 from .edits import CrossWindow, LocalBlend, Recipe, Target, Window
 from .engine import Cancelled, Progress, Result, edit, run
 from .files import read_recipe, save_result
+from .inversion import Inversion, invert, restore_outside
 from .prompts import Alignment, Prompt, Word, align, infer_kind, tokenize
 from .record import AttentionRecord, Heatmaps, Maps, normalize
 
@@ -47,6 +50,9 @@ __all__ = [
     "infer_kind",
     "save_result",
     "read_recipe",
+    "invert",
+    "Inversion",
+    "restore_outside",
 ]
 
 

@@ -245,8 +245,12 @@ class Controller:
         self.step = step
         self._sums = {}
 
-    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
-        """Finish a step: store its maps, and blend the targets' latents (a new tensor)."""
+    def end_step(self, latents: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Finish a step: store its maps, and blend the targets' latents (a new tensor).
+
+        ``reference``: (channels, h, w) latent that the source's direct edits are restored to
+        outside their masks instead of the source branch's own (a real image's inversion).
+        """
         means = {f: self._sums[f] / self.cross_layers[f] for f in self._sums}  # (branches, pixels, tokens)
         if self.record:
             for factor, mean in means.items():
@@ -256,9 +260,9 @@ class Controller:
             return latents
         current = means[self.blend_factor]
         self._blend_running = current if self._blend_running is None else self._blend_running + current
-        return self._blend(latents)
+        return self._blend(latents, reference)
 
-    def _blend(self, latents: torch.Tensor) -> torch.Tensor:
+    def _blend(self, latents: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Local blending (paper 3.2): outside the words' mask, reset to the parent's latent."""
         count = latents.shape[0]
         masks = torch.ones(count, *latents.shape[2:], dtype=torch.bool, device=latents.device)
@@ -283,7 +287,8 @@ class Controller:
                 mask = ((maps / peak) > blend.threshold).any(dim=0)[0]  # union: (h, w)
                 masks[branch] = mask
                 weight = mask.to(latents.dtype)
-                latents[branch] = latents[parent] + weight * (latents[branch] - latents[parent])
+                base = reference if reference is not None and parent == 0 else latents[parent]
+                latents[branch] = base + weight * (latents[branch] - base)
         self._masks.append(masks)
         return latents
 

@@ -40,12 +40,15 @@ class Progress:
         step: the step just finished (0-based); ``steps`` in all.
         timestep: the scheduler's timestep of that step.
         preview: the predicted clean images of every branch (PIL), on preview steps only.
+        stage: "sample" for a run; an inversion reports "invert" (DDIM inversion) and
+            "null-text" (its optimisation), its ``step`` counting across both.
     """
 
     step: int
     steps: int
     timestep: int
     preview: tuple[Image.Image, ...] | None = None
+    stage: str = "sample"
 
     @property
     def fraction(self) -> float:
@@ -168,6 +171,25 @@ def _encode(pipe: Any, ids: list[tuple[int, ...]], lengths: list[int], device: t
     return embeddings.to(dtype=pipe.text_encoder.dtype, device=device)
 
 
+def embeddings(pipe: Any, branches: tuple[Branch, ...], negative_prompt: str, guided: bool, device) -> torch.Tensor:
+    """The UNet's text input: every branch's embedding c, preceded (when ``guided``) by the
+    unconditional embedding once per branch, as the stock pipeline computes them."""
+    text = _encode(pipe, [b.prompt.ids for b in branches], [b.prompt.length for b in branches], device)
+    if not guided:
+        return text
+    negative = pipe.tokenizer(  # the stock pipeline's unconditional input: the negative prompt, truncated
+        negative_prompt, padding="max_length", max_length=branches[0].prompt.max_length, truncation=True
+    )
+    unconditional = _encode(pipe, [tuple(negative["input_ids"])], [sum(negative["attention_mask"])], device)
+    return torch.cat([unconditional.expand(len(branches), -1, -1), text])
+
+
+def is_guided(pipe: Any, guidance: float) -> bool:
+    """Whether a run uses classifier-free guidance (not for guidance-distilled UNets)."""
+    return guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+@torch.no_grad()
 def _decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     images = []
     scaling = pipe.vae.config.scaling_factor
@@ -206,6 +228,7 @@ def run(
     cancel: threading.Event | None = None,
     record_self: tuple[int, int] | None = None,
     latents: torch.Tensor | None = None,
+    inversion: Any = None,
 ) -> Result:
     """Generate the source and every target of ``recipe`` in one batch.
 
@@ -223,6 +246,14 @@ def run(
         latents: x_T for one branch, (1, channels, h, w); default: from ``recipe.seed``
             (given latents are not part of the recipe: it reproduces the run only if they
             equal ``initial_noise(pipe, recipe.seed, height, width)``).
+        inversion: an :class:`~p2p_widgets.inversion.Inversion` of a real image: the run
+            starts from its x_T and edits that image. The recipe's source prompt, steps,
+            size and scheduler must be the inversion's (``inversion.edit`` fills them in),
+            and for null-text its guidance. Null-text replaces the unconditional embedding
+            step by step, negative-prompt uses the source prompt's embedding in its place,
+            direct keeps the source branch on the inversion's trajectory. With local
+            blending, the targets are restored outside their masks to the inversion's
+            trajectory, that is to the original image, whatever the method (paper fig. 12).
 
     Raises:
         ValueError / TypeError: bad input, before the pipeline is touched.
@@ -256,6 +287,9 @@ def run(
                 f"{', '.join(map(str, self_factors))}, not {record_self!r}"
             )
         record_self = (int(record_self[0]), int(record_self[1]))
+    if inversion is not None:
+        _check_inversion(inversion, recipe, scheduler, (height, width), latents)
+        latents = inversion.trajectory[-1:]
     if latents is None:
         latents = initial_noise(pipe, recipe.seed, height, width)
     expected = (1, unet.config.in_channels, *latent_size)
@@ -268,20 +302,19 @@ def run(
         model=recipe.model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or None,
     )
     count = len(branches)
-    guided = recipe.guidance > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+    guided = is_guided(pipe, recipe.guidance)
 
     with torch.no_grad():
         # 1. Text embeddings c of every branch; the unconditional embedding for guidance.
-        text = _encode(pipe, [b.prompt.ids for b in branches], [b.prompt.length for b in branches], device)
-        if guided:  # the stock pipeline's unconditional input: the negative prompt, truncated
-            negative = pipe.tokenizer(
-                recipe.negative_prompt,
-                padding="max_length",
-                max_length=branches[0].prompt.max_length,
-                truncation=True,
-            )
-            unconditional = _encode(pipe, [tuple(negative["input_ids"])], [sum(negative["attention_mask"])], device)
-            text = torch.cat([unconditional.expand(count, -1, -1), text])
+        text = embeddings(pipe, branches, recipe.negative_prompt, guided, device)
+        per_step, trajectory, pin = None, None, False
+        if inversion is not None:
+            trajectory = inversion.trajectory.to(device=device, dtype=text.dtype)
+            pin = inversion.method == "direct"
+            if guided and inversion.unconditional is not None:  # null-text
+                per_step = inversion.unconditional.to(device=device, dtype=text.dtype)
+            elif guided and inversion.method == "negative-prompt":
+                text = torch.cat([text[count : count + 1].expand(count, -1, -1), text[count:]])
         # 2. The schedule, and x_T shared by every branch (the paper: same seed for all).
         scheduler.set_timesteps(recipe.steps, device=device)
         timesteps = scheduler.timesteps
@@ -298,6 +331,8 @@ def run(
                 # 3. epsilon (or v) for every branch, both halves in one UNet call.
                 model_input = torch.cat([x, x]) if guided else x
                 model_input = scheduler.scale_model_input(model_input, t)
+                if per_step is not None:
+                    text = torch.cat([per_step[i][None].expand(count, -1, -1), text[count:]])
                 prediction = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
                 if guided:
                     unconditional_pred, text_pred = prediction.chunk(2)
@@ -306,7 +341,12 @@ def run(
                         prediction = _rescale(prediction, text_pred, recipe.guidance_rescale)
                 # 4. x_{t-1} from x_t, then local blending of the targets.
                 output = scheduler.step(prediction, t, x, **step_kwargs, return_dict=True)
-                x = controller.end_step(output.prev_sample)
+                x, reference = output.prev_sample, None
+                if trajectory is not None:
+                    reference = trajectory[len(timesteps) - i - 1]
+                    if pin:  # direct inversion: the source follows the trajectory exactly
+                        x = torch.cat([reference[None], x[1:]])
+                x = controller.end_step(x, reference)
                 if callback is not None:
                     preview = None
                     clean = getattr(output, "pred_original_sample", None)
@@ -326,13 +366,41 @@ def run(
     )
 
 
+def _check_inversion(inversion: Any, recipe: Recipe, scheduler: Any, size: tuple[int, int], latents: Any) -> None:
+    """Refuse a run that would not edit the inverted image as it was inverted."""
+    from .inversion import Inversion
+
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"inversion is what p2p_widgets.invert() returns, not {type(inversion).__name__}")
+    if latents is not None:
+        raise ValueError("give latents or an inversion, not both (an inversion brings its own x_T)")
+    problems = []
+    if recipe.prompt != inversion.prompt:
+        problems.append(f"the source prompt must be the inverted one, {inversion.prompt!r}, not {recipe.prompt!r}")
+    if recipe.steps != inversion.steps:
+        problems.append(f"steps must be {inversion.steps}, not {recipe.steps}")
+    if size != (inversion.height, inversion.width):
+        problems.append(f"the size must be {inversion.height}x{inversion.width} (height x width), not {size[0]}x{size[1]}")
+    if type(scheduler).__name__ != inversion.scheduler:
+        problems.append(f"the scheduler must be {inversion.scheduler}, not {type(scheduler).__name__}")
+    if recipe.eta != 0:
+        problems.append(f"eta must be 0 (inversion follows deterministic DDIM), not {recipe.eta}")
+    if inversion.unconditional is not None and recipe.guidance != inversion.guidance:
+        problems.append(
+            f"guidance must be {inversion.guidance}: the null-text embeddings were optimised for it, "
+            f"not for {recipe.guidance} (invert again for another guidance)"
+        )
+    if problems:
+        raise ValueError("this run does not match the inversion: " + "; ".join(problems) + " (inversion.edit(pipe, ...) sets them)")
+
+
 def edit(pipe: Any, prompt: str, *targets: Target | str, **settings: Any) -> Result:
     """Generate ``prompt`` and its edits in one batch: ``edit(pipe, "a cat", "a dog")``.
 
     ``settings`` are :class:`Recipe` fields (seed, steps, guidance, ...) and the keyword
     arguments of :func:`run` (record, callback, preview_every, cancel, record_self, latents).
     """
-    options = ("record", "callback", "preview_every", "cancel", "record_self", "latents")
+    options = ("record", "callback", "preview_every", "cancel", "record_self", "latents", "inversion")
     run_options = {name: settings.pop(name) for name in options if name in settings}
     known = {f.name for f in fields(Recipe)} - {"prompt", "targets", "version"}
     unknown = sorted(set(settings) - known)

@@ -1,7 +1,28 @@
-"""Real-image editing: bring a photo to the model's size, then invert it.
+"""Real-image editing (paper section 4): bring a photo to the model, invert it, edit it.
 
-This module starts with the image input (paper section 4 edits real images); the
-inversion methods (DDIM, null-text, negative-prompt, direct) build on it.
+``invert(pipe, image, prompt, method=...)`` returns an :class:`Inversion`; its ``edit``
+runs Prompt-to-Prompt on the image with any edit (swap, refine, re-weight, local blend):
+
+>>> inverted = invert(pipe, "cat.jpg", "a cat sitting on a bench", method="null-text")
+>>> result = inverted.edit(pipe, Target("a dog sitting on a bench", blend=LocalBlend(("cat", "dog"))))
+
+Methods (all start with DDIM inversion of the image's latent at guidance 1, x_0 -> x_T):
+
+* ``"ddim"``: edit from that x_T. At guidance 7.5 the source drifts from the image.
+* ``"null-text"`` (Mokady et al. 2023): per sampling step, Adam steps on the unconditional
+  embedding until the guided step lands on the inversion's latent (the official defaults:
+  10 inner steps, lr 1e-2 * (1 - i/100), early stop at loss < 1e-5 + 2e-5 * i, with i
+  rescaled to 50 steps). The UNet's weights never get gradients.
+* ``"negative-prompt"`` (Miyake et al. 2023): the source prompt's embedding in place of the
+  unconditional one; free, no optimisation.
+* ``"direct"`` (Ju et al. 2024, "PnP Inversion"): the source branch is kept on the
+  inversion's trajectory (adding back, every step, the difference between where it went
+  and where the inversion was; done in the run, so no second pass), the targets edit
+  freely with the source's attention.
+
+With local blending, the targets are restored outside their masks to the inversion's
+trajectory, i.e. to the original image, whatever the method (paper fig. 12);
+:func:`restore_outside` also pastes the original pixels there.
 
 ``prepare_image(image, (height, width))`` accepts a path, a PIL image or an array, and
 returns an RGB image of exactly that size with a note for every change it made (mode
@@ -11,20 +32,39 @@ silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .engine import check_multiple
+from .control import plan_branches
+from .edits import Recipe
+from .engine import (
+    Cancelled,
+    Progress,
+    Result,
+    _decode,
+    check_multiple,
+    edit,
+    embeddings,
+    is_guided,
+    make_scheduler,
+    vae_factor,
+)
 
-__all__ = ["PreparedImage", "prepare_image", "MAX_PIXELS"]
+__all__ = ["Inversion", "invert", "restore_outside", "encode_image", "METHODS", "PreparedImage", "prepare_image", "MAX_PIXELS"]
 
 MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (decompression bombs)
 Fit = Literal["crop", "pad"]
+METHODS = ("ddim", "null-text", "negative-prompt", "direct")
 
 
 @dataclass(frozen=True)
@@ -185,3 +225,347 @@ def _size(size: Any, multiple: int) -> tuple[int, int]:
     check_multiple("height", height, multiple)
     check_multiple("width", width, multiple)
     return height, width
+
+
+# --- inversion ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """A real image inverted for editing: what :func:`~p2p_widgets.run` needs.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        prompt: the source prompt (edits keep it as their source).
+        image: the image as the model saw it (RGB, the model's size) and what was done to it.
+        steps, guidance, height, width, scheduler: the run settings it was inverted for.
+        trajectory: (steps + 1, channels, h, w) float32, CPU: the DDIM-inverted latents, from
+            the image's latent (index 0) to x_T (index ``steps``). Sampling step ``i`` goes
+            from ``trajectory[steps - i]`` to ``trajectory[steps - i - 1]``.
+        unconditional: null-text only: (steps, tokens, dim) float32, the optimised
+            unconditional embedding of every sampling step.
+        inner_steps: null-text only: the Adam steps each sampling step took.
+        notes: what happened, for the user (image preparation, warnings).
+        seconds: how long the inversion took.
+    """
+
+    method: str
+    prompt: str
+    image: PreparedImage
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    scheduler: str
+    trajectory: torch.Tensor
+    unconditional: torch.Tensor | None = None
+    inner_steps: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """x_T, (1, channels, h, w)."""
+        return self.trajectory[-1:]
+
+    def vae_round_trip(self, pipe: Any) -> Image.Image:
+        """The image encoded and decoded by the VAE: the best reconstruction any inversion
+        method can reach."""
+        return _decode(pipe, self.trajectory[:1].to(device=pipe.vae.device))[0]
+
+    def recipe(self, *targets: Any, **settings: Any) -> Recipe:
+        """A recipe editing this image: the inversion's prompt and settings, plus ``targets``."""
+        fixed = dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
+        return Recipe(self.prompt, tuple(targets), **{**fixed, **settings})
+
+    def edit(self, pipe: Any, *targets: Any, **settings: Any) -> Result:
+        """Edit the image: ``edit(pipe, prompt, *targets)`` with this inversion's settings.
+
+        ``settings``: other recipe fields and run options (callback, cancel, record, ...).
+        With no target, the result's source is the reconstruction.
+        """
+        fixed = dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
+        clash = sorted(name for name in fixed if name in settings and settings[name] != fixed[name])
+        if clash:
+            raise ValueError(
+                f"this image was inverted with {', '.join(f'{n}={fixed[n]!r}' for n in clash)}; "
+                "edit with those (invert again to change them)"
+            )
+        return edit(pipe, self.prompt, *targets, **{**settings, **fixed, "inversion": self})
+
+
+def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
+    """The VAE latent of an RGB image (its posterior mean, scaled as the UNet expects),
+    (1, channels, h, w) on the pipeline's device and dtype."""
+    vae = pipe.vae
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    pixels = pixels.permute(2, 0, 1)[None].to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (mean - shift) * vae.config.scaling_factor
+
+
+def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise a model output stands for, given the model was told cumulative alpha ``alpha``."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * output + (1 - alpha).sqrt() * x
+    if prediction_type == "sample":
+        return (x - alpha.sqrt() * output) / (1 - alpha).sqrt()
+    raise ValueError(f"cannot invert a model predicting {prediction_type!r} (epsilon, v_prediction or sample)")
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """No parameter of ``module`` requires gradients inside; the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check(method: str, steps: Any, guidance: Any, inner_steps: Any) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method is one of {', '.join(METHODS)}, not {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps is a positive whole number, not {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 1:
+        raise ValueError(f"guidance is a number >= 1, not {guidance!r}")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps is a positive whole number, not {inner_steps!r}")
+
+
+class _Steps:
+    """Progress reporting and cancelling across an inversion's stages."""
+
+    def __init__(self, total: int, callback: Callable[[Progress], None] | None, cancel: threading.Event | None):
+        self.total, self.done, self.callback, self.cancel = total, 0, callback, cancel
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"inversion cancelled at step {self.done} of {self.total}")
+
+    def report(self, timestep: int, stage: str) -> None:
+        if self.callback is not None:
+            self.callback(Progress(self.done, self.total, int(timestep), stage=stage))
+        self.done += 1
+
+
+def invert(
+    pipe: Any,
+    image: Any,
+    prompt: str,
+    method: str = "null-text",
+    *,
+    steps: int = 50,
+    guidance: float = 7.5,
+    size: tuple[int, int] | None = None,
+    fit: Fit = "crop",
+    scheduler: str = "DDIMScheduler",
+    inner_steps: int = 10,
+    negative_prompt: str = "",
+    callback: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Inversion:
+    """Invert a real image so that it can be edited; see the module docstring.
+
+    Args:
+        pipe: a Stable Diffusion pipeline (epsilon or v-prediction).
+        image: a path, PIL image or array (see :func:`prepare_image`).
+        prompt: a description of the image; edits change its words. Quality depends on
+            it: a warning is given when it explains the image no better than no prompt.
+        method: "ddim", "null-text", "negative-prompt" or "direct".
+        steps, guidance: the settings the edits will run with.
+        size: (height, width) for the model; default its native size.
+        fit: "crop" or "pad" when the image's aspect ratio differs.
+        scheduler: a deterministic DDIM scheduler (the inversion reverses its steps).
+        inner_steps: null-text's most Adam steps per sampling step.
+        negative_prompt: the unconditional prompt null-text starts from.
+        callback: called with a :class:`~p2p_widgets.Progress` after every step.
+        cancel: an event; when set, the inversion stops and raises ``Cancelled``.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError: bad input, before any work.
+        Cancelled: ``cancel`` was set; the pipeline is as it was.
+    """
+    started = time.perf_counter()
+    _check(method, steps, guidance, inner_steps)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt is a string describing the image, not {type(prompt).__name__}")
+    sampler = make_scheduler(pipe, scheduler)
+    if type(sampler).__name__ != "DDIMScheduler":
+        raise ValueError(f"inversion reverses deterministic DDIM steps; use scheduler='DDIMScheduler', not {scheduler!r}")
+    factor = vae_factor(pipe)
+    if size is None:
+        sample = pipe.unet.config.sample_size
+        side = (sample if isinstance(sample, int) else sample[0]) * factor
+        size = (side, side)
+    prepared = prepare_image(image, size, multiple=factor, fit=fit)
+    height, width = prepared.image.height, prepared.image.width
+    recipe = Recipe(prompt, steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler)
+    branches = plan_branches(recipe, pipe.tokenizer)  # the prompt, tokenised as the edits will be
+    notes = list(prepared.notes)
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    sampler.set_timesteps(steps, device=device)
+    timesteps = sampler.timesteps
+    prediction_type = sampler.config.prediction_type
+    progress = _Steps(len(timesteps) * (2 if method == "null-text" else 1), callback, cancel)
+
+    with torch.no_grad():
+        text = embeddings(pipe, branches, negative_prompt, True, device)  # (unconditional, c)
+        progress.check()
+        latent = encode_image(pipe, prepared.image).to(dtype)
+        fit_note = _prompt_fit(pipe, latent, text, sampler, prompt)
+        if fit_note:
+            notes.append(fit_note)
+            warnings.warn(fit_note, UserWarning, stacklevel=2)
+        trajectory = _ddim_invert(pipe, latent, text[1:], sampler, timesteps, prediction_type, progress)
+    unconditional, inner = None, ()
+    if method == "null-text" and is_guided(pipe, guidance):
+        unconditional, inner = _null_text(pipe, trajectory, text, sampler, timesteps, guidance, inner_steps, progress)
+    elif method == "null-text":
+        notes.append("guidance 1: nothing to optimise, null-text is DDIM inversion here")
+    return Inversion(
+        method=method,
+        prompt=prompt,
+        image=prepared,
+        steps=len(timesteps),
+        guidance=float(guidance),
+        height=height,
+        width=width,
+        scheduler=type(sampler).__name__,
+        trajectory=trajectory.float().cpu(),
+        unconditional=None if unconditional is None else unconditional.float().cpu(),
+        inner_steps=inner,
+        notes=tuple(notes),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _alpha(sampler: Any, timestep: int) -> torch.Tensor:
+    return sampler.alphas_cumprod[timestep] if timestep >= 0 else sampler.final_alpha_cumprod
+
+
+def _ddim_invert(pipe, latent, text, sampler, timesteps, prediction_type, progress) -> torch.Tensor:
+    """x_0 -> x_T by DDIM steps in reverse at guidance 1: the model's noise estimate at the
+    next timestep, taken on the current latent (the usual approximation)."""
+    ratio = sampler.config.num_train_timesteps // sampler.num_inference_steps
+    x, out = latent, [latent]
+    for t in reversed(timesteps):
+        progress.check()
+        t = int(t)
+        a_from, a_to = (_alpha(sampler, t - ratio).to(x), _alpha(sampler, t).to(x))
+        output = pipe.unet(sampler.scale_model_input(x, t), t, encoder_hidden_states=text, return_dict=False)[0]
+        eps = _epsilon(output, x, a_to, prediction_type)
+        clean = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+        x = a_to.sqrt() * clean + (1 - a_to).sqrt() * eps
+        out.append(x)
+        progress.report(t, "invert")
+    return torch.cat(out)
+
+
+def _null_text(pipe, trajectory, text, sampler, timesteps, guidance, inner_steps, progress):
+    """Per sampling step, optimise the unconditional embedding so that the guided DDIM step
+    from the current latent lands on the inversion's next latent. Only the embedding gets
+    gradients: the UNet's weights are frozen for the duration."""
+    unet, steps = pipe.unet, len(timesteps)
+    unconditional, condition = text[:1].float(), text[1:]
+    x = trajectory[-1:]
+    found, counts = [], []
+    with _frozen(unet):
+        for i, t in enumerate(timesteps):
+            progress.check()
+            goal = trajectory[steps - i - 1][None]
+            scaled = sampler.scale_model_input(x, t)
+            with torch.no_grad():
+                conditional = unet(scaled, t, encoder_hidden_states=condition, return_dict=False)[0]
+            progress_at_50 = i * 50 / steps  # the official schedule is for 50 steps
+            embedding = unconditional.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([embedding], lr=1e-2 * (1 - progress_at_50 / 100))
+            limit = 1e-5 + 2e-5 * progress_at_50
+            taken = 0
+            for _ in range(inner_steps):
+                with torch.enable_grad():
+                    free = unet(scaled, t, encoder_hidden_states=embedding.to(condition.dtype), return_dict=False)[0]
+                    guided = free + guidance * (conditional - free)
+                    landed = sampler.step(guided, t, x, return_dict=False)[0]
+                    loss = torch.nn.functional.mse_loss(landed.float(), goal.float())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                taken += 1
+                if loss.item() < limit:
+                    break
+            unconditional = embedding.detach()
+            found.append(unconditional[0])
+            counts.append(taken)
+            with torch.no_grad():
+                both = torch.cat([unconditional.to(condition.dtype), condition])
+                free, conditional = unet(torch.cat([scaled, scaled]), t, encoder_hidden_states=both, return_dict=False)[0].chunk(2)
+                x = sampler.step(free + guidance * (conditional - free), t, x, return_dict=False)[0]
+            progress.report(int(t), "null-text")
+    return torch.stack(found), tuple(counts)
+
+
+def _prompt_fit(pipe, latent, text, sampler, prompt) -> str | None:
+    """A warning when the prompt predicts the image's noise no better than no prompt does
+    (a diffusion-classifier test at four noise levels, two noises each), else None."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    levels = [int(f * sampler.config.num_train_timesteps) for f in (0.2, 0.4, 0.6, 0.8)] * 2
+    noise = torch.randn((len(levels), *latent.shape[1:]), generator=generator).to(latent)
+    t = torch.tensor(levels, device=latent.device)
+    noisy = sampler.add_noise(latent.expand(len(levels), -1, -1, -1), noise, t)
+    target = noise
+    if sampler.config.prediction_type == "v_prediction":
+        target = sampler.get_velocity(latent.expand(len(levels), -1, -1, -1), noise, t)
+    errors = []
+    for embedding in text:  # the unconditional embedding, then the prompt's
+        output = pipe.unet(noisy, t, encoder_hidden_states=embedding[None].expand(len(levels), -1, -1), return_dict=False)[0]
+        errors.append(float((output.float() - target.float()).pow(2).mean()))
+    if errors[1] < errors[0]:
+        return None
+    return (
+        f"the prompt {prompt!r} does not seem to describe the image: the model predicts the image's noise "
+        f"no better with it than without ({errors[1]:.4f} vs {errors[0]:.4f}); inversion and edits work, "
+        "but their quality depends on a prompt that describes the image"
+    )
+
+
+def restore_outside(result: Result, inversion: Inversion, feather: int = 1) -> tuple[Image.Image, ...]:
+    """The result's images with the original image's pixels pasted back outside each
+    target's local-blend mask (its last step, upsampled, dilated by ``feather`` pixels of
+    the latent grid and softened): the unedited regions become the original exactly.
+
+    The source (index 0) is the original image. Targets without blending are returned as
+    they are.
+    """
+    if result.blend_masks is None:
+        raise ValueError("this result has no local-blend masks; give the targets a LocalBlend to restore outside it")
+    if result.images[0].size != inversion.image.image.size:
+        raise ValueError("this result is not an edit of that inversion (the sizes differ)")
+    if not isinstance(feather, int) or isinstance(feather, bool) or feather < 0:
+        raise ValueError(f"feather is a whole number of latent pixels >= 0, not {feather!r}")
+    original = np.asarray(inversion.image.image, dtype=np.float32)
+    height, width = original.shape[:2]
+    masks = result.blend_masks[-1].float()[:, None]  # (branches, 1, h, w)
+    if feather:
+        masks = torch.nn.functional.max_pool2d(masks, 2 * feather + 1, stride=1, padding=feather)
+        masks = torch.nn.functional.avg_pool2d(masks, 3, stride=1, padding=1, count_include_pad=False)
+    weights = torch.nn.functional.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+    weights = weights[:, 0].clamp(0, 1).numpy()[..., None]
+    images = [inversion.image.image]
+    for branch, image in enumerate(result.images[1:], start=1):
+        if result.blend_masks[-1][branch].all():  # not blended
+            images.append(image)
+            continue
+        edited = np.asarray(image, dtype=np.float32)
+        mixed = original + weights[branch] * (edited - original)
+        images.append(Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)))
+    return tuple(images)
