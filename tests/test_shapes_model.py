@@ -21,6 +21,11 @@ def test_the_weights_ship_in_the_package_and_are_small():
     info = json.loads((SHAPES_WEIGHTS / "training.json").read_text())
     assert info["train_config"]["model"]["image_size"] >= 64
     assert info["total_seconds"] <= 90 * 60
+    # transformers < 5 leave text-encoder weights without this prefix unloaded, silently
+    from safetensors import safe_open
+
+    with safe_open(SHAPES_WEIGHTS / "text_encoder" / "model.safetensors", "pt") as stored:
+        assert all(key.startswith("text_model.") for key in stored.keys())
     # transformers < 5 load the tokenizer from these
     assert {"vocab.json", "merges.txt"} <= {path.name for path in (SHAPES_WEIGHTS / "tokenizer").iterdir()}
 

@@ -107,6 +107,22 @@ def edge_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
     return weights / weights.mean()
 
 
+def portable_text_encoder(folder: str | Path) -> None:
+    """Give the saved CLIP text encoder's weights the ``text_model.`` prefix if they lack it.
+
+    transformers 5 saves them without it and loads either form; transformers 4 silently
+    leaves unprefixed weights unloaded (random), so a saved model must carry the prefix.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(path)
+    if all(key.startswith("text_model.") for key in weights):
+        return
+    renamed = {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in weights.items()}
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def train_vae(pipe: StableDiffusionPipeline, config: TrainConfig, report: Report | None = None) -> float:
     """Stage 1. Returns the latent scaling factor it set on the VAE."""
     vae, size = pipe.vae, config.model.image_size
@@ -257,6 +273,7 @@ def train(
 
     def save(folder: Path) -> None:
         pipe.save_pretrained(folder, safe_serialization=True)
+        portable_text_encoder(folder / "text_encoder")
         write_vocabulary_files(folder / "tokenizer", vocabulary())  # for transformers < 5
 
     def checkpoint(step: int) -> None:
