@@ -273,10 +273,10 @@ class Inversion:
         method can reach."""
         return _decode(pipe, self.trajectory[:1].to(device=pipe.vae.device))[0]
 
-    def recipe(self, *targets: Any, **settings: Any) -> Recipe:
-        """A recipe editing this image: the inversion's prompt and settings, plus ``targets``."""
-        fixed = dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
-        return Recipe(self.prompt, tuple(targets), **{**fixed, **settings})
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The recipe settings every edit of this inversion must use."""
+        return dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
 
     def edit(self, pipe: Any, *targets: Any, **settings: Any) -> Result:
         """Edit the image: ``edit(pipe, prompt, *targets)`` with this inversion's settings.
@@ -284,7 +284,7 @@ class Inversion:
         ``settings``: other recipe fields and run options (callback, cancel, record, ...).
         With no target, the result's source is the reconstruction.
         """
-        fixed = dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
+        fixed = self.settings
         clash = sorted(name for name in fixed if name in settings and settings[name] != fixed[name])
         if clash:
             raise ValueError(
