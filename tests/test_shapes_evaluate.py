@@ -3,7 +3,19 @@
 import numpy as np
 
 from p2p_widgets.shapes import ObjectWords, SceneWords, caption, place, render
-from p2p_widgets.shapes.evaluate import _correct, _dilate, _find, _iou, _psnr, _threshold, _upsample, _word_indices
+from p2p_widgets.shapes.data import COLOR_RGB
+from p2p_widgets.shapes.evaluate import (
+    _correct,
+    _dilate,
+    _find,
+    _iou,
+    _psnr,
+    _rises,
+    _saturation,
+    _threshold,
+    _upsample,
+    _word_indices,
+)
 
 SCENE = SceneWords(
     (ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black"
@@ -63,3 +75,22 @@ def test_heatmap_threshold_with_and_without_the_floor():
     assert _threshold(heat, floor=False).all()  # divided by the peak only, everything passes
     assert _iou(_threshold(heat, floor=False), mask) == mask.mean()
     assert not _threshold(np.zeros((4, 4)), floor=True).any()  # a flat map selects nothing
+
+
+def test_saturation_is_measured_inside_the_mask_and_follows_a_paler_colour():
+    scene = rendered()
+    red = scene.masks[0]
+    full = _saturation(scene.image, red)
+    r, g, b = COLOR_RGB["red"]
+    assert abs(full - (max(r, g, b) - min(r, g, b))) <= 40  # stripes darken part of the object
+    paler = scene.image.astype(np.float64)
+    paler[red] = 0.5 * paler[red] + 0.5 * 128  # halfway to gray
+    assert _saturation(paler.astype(np.uint8), red) < 0.6 * full
+    assert _saturation(scene.image, scene.masks[1]) > 150  # the blue square, not the red circle's
+
+
+def test_a_sweep_rises_only_if_it_never_falls_and_ends_higher():
+    assert _rises([170.0, 172.0, 172.0, 180.0])
+    assert not _rises([170.0, 175.0, 173.0, 180.0])  # one fall
+    assert not _rises([170.0, 170.0, 170.0])  # flat
+    assert not _rises([180.0, 175.0, 170.0])  # the wrong direction

@@ -18,8 +18,15 @@ JSON object:
   local blending (threshold k = 0.7: this small model's word maps keep a floor of 0.2-0.5
   of their peak everywhere, so the paper's k = 0.3 selects the whole image);
   ``local_blend_background_psnr_without_blend``: the same edit without;
-* ``reweight_monotonic``: fraction of re-weighting sweeps of the size word whose object
-  area changes monotonically with the weight.
+* ``reweight_monotonic``: fraction of re-weighting sweeps of a colour word (weights -1 .. 3,
+  the source's maps injected as the paper does) in which the object's colour saturation
+  (median chroma inside the source's object mask) never falls and ends higher: the
+  paper's re-weighting is a fader for *how much* of what a word says;
+  ``reweight_saturation_change``: the mean change of that saturation from the lowest to the
+  highest weight, relative to the source's; ``reweight_size_monotonic``: the same sweeps on the
+  size word, the object's area against the weight in the word's direction (bigger for
+  "big", smaller for "small"): a change of geometry, which injecting the source's maps
+  holds in place, so expect it low.
 
 No learned evaluator: objects are found by colour (every object colour is chromatic, every
 background achromatic) and classified with the grammar's own pixel measurements. Only
@@ -150,6 +157,17 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if error == 0 else 10 * math.log10(255.0**2 / error)
 
 
+def _saturation(image: np.ndarray, mask: np.ndarray) -> float:
+    """Median chroma (largest minus smallest channel, 0..255) of the pixels under ``mask``."""
+    pixels = image[mask].astype(np.int16)
+    return float(np.median(pixels.max(axis=-1) - pixels.min(axis=-1)))
+
+
+def _rises(values: list[float]) -> bool:
+    """Never falls from one weight to the next, and ends higher than it starts."""
+    return bool(np.all(np.diff(values) >= 0) and values[-1] > values[0])
+
+
 def _image_scale(image: np.ndarray) -> float:
     """Pixel distances are specified at 64 px; scale them to the image's size."""
     return image.shape[0] / 64
@@ -232,24 +250,35 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
                 changed |= recoloured
             psnr[blended].append(_psnr(source, target, ~_dilate(changed, 2)))
 
-    # 4. Re-weighting sweeps of the size word: the object's area against the weight.
-    monotonic, sweeps = 0, 0
+    # 4. Re-weighting sweeps. The paper's re-weighting turns up or down an *amount* of
+    # what a word says (how fluffy, how snowy) inside a layout that injection keeps; here
+    # the colour word of one plain object, measured as colour saturation inside the
+    # source's object mask, which must rise with the weight. The size word (a change of
+    # geometry, which the injected maps hold in place) is reported beside it.
+    rising = {"color": 0, "size": 0}
+    saturation_change: list[float] = []
+    sweeps = 0
     for i in range(settings.sweeps):
         words = sample_words(rng, two_objects_p=0.0, texture_p=0.0)
         obj = words.objects[0]
         text = caption(words)
-        targets = [Target(text, reweight={_word_indices(words)[0]["size"]: w}) for w in settings.weights]
+        index = _word_indices(words)[0]
+        targets = [Target(text, reweight={index[kind]: w}) for kind in ("color", "size") for w in settings.weights]
         result = edit(pipe, text, *targets, seed=30_000 + i, **run)
-        areas = []
-        for image in result.images[1:]:
-            mask = _find(_pixels(image), obj.color)
-            areas.append(0 if mask is None else int(mask.sum()))
-        if _find(_pixels(result.images[0]), obj.color) is None:
+        pixels = _pixels(result.images[0])
+        source = _find(pixels, obj.color)
+        if source is None:
             continue
         sweeps += 1
-        steps = np.diff(areas)
-        if areas[-1] != areas[0] and (np.all(steps >= 0) or np.all(steps <= 0)):
-            monotonic += 1
+        n = len(settings.weights)
+        saturation = [_saturation(_pixels(image), source) for image in result.images[1 : 1 + n]]
+        areas = []
+        for image in result.images[1 + n :]:
+            mask = _find(_pixels(image), obj.color)
+            areas.append(0 if mask is None else int(mask.sum()))
+        rising["color"] += _rises(saturation)
+        rising["size"] += _rises(areas if obj.size == "big" else [-a for a in areas])
+        saturation_change.append((saturation[-1] - saturation[0]) / max(_saturation(pixels, source), 1.0))
 
     def fraction(count: int, total: int) -> float | None:
         return round(count / total, 4) if total else None
@@ -266,7 +295,9 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         "swap_layout_kept_without_injection": fraction(kept[False], swaps),
         "local_blend_background_psnr": mean(psnr[True]),
         "local_blend_background_psnr_without_blend": mean(psnr[False]),
-        "reweight_monotonic": fraction(monotonic, sweeps),
+        "reweight_monotonic": fraction(rising["color"], sweeps),
+        "reweight_saturation_change": None if not saturation_change else round(float(np.mean(saturation_change)), 4),
+        "reweight_size_monotonic": fraction(rising["size"], sweeps),
         "counts": {"prompts": settings.prompts, "swaps": swaps, "blends": len(psnr[True]), "sweeps": sweeps},
         "settings": {
             "steps": settings.steps,
