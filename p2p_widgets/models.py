@@ -8,15 +8,19 @@ pipelines with random weights (for trying the API and for tests: their images ar
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["load_pipeline", "BUILT_IN", "SHAPES_WEIGHTS"]
+__all__ = ["load_pipeline", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
 
 BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2"}
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
+REAL_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_VARIABLE = "P2P_WIDGETS_MODEL"
 
 
 def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs: Any):
@@ -55,3 +59,76 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         pipe = StableDiffusionPipeline.from_pretrained(name, **options)
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model a notebook uses, where, and why (see :func:`choose_model`)."""
+
+    name: str
+    device: str
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def is_shapes(self) -> bool:
+        """True for the bundled shapes model (its prompts follow the shapes grammar)."""
+        return self.name == "shapes"
+
+    def load(self):
+        """The pipeline, loaded with :func:`load_pipeline`."""
+        return load_pipeline(self.name, device=self.device, dtype=self.dtype)
+
+    def __str__(self) -> str:
+        return f"model: {self.name} on {self.device} ({self.reason})"
+
+
+def _in_cache(name: str) -> bool:
+    """Whether a hub model's files are on this machine already (asks no server)."""
+    if Path(name).expanduser().exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "model_index.json"), str)
+    except Exception:  # an id the hub library rejects, or no cache folder
+        return False
+
+
+def choose_model(
+    real: str = REAL_MODEL,
+    *,
+    environ: Mapping[str, str] | None = None,
+    gpu: bool | None = None,
+    cached: Callable[[str], bool] = _in_cache,
+) -> ModelChoice:
+    """The model a notebook should use, and why: the notebooks' first model cell.
+
+    1. the environment variable ``P2P_WIDGETS_MODEL`` when it is set (any name
+       :func:`load_pipeline` takes: "shapes", a folder, a hub id);
+    2. else ``real`` (Stable Diffusion 1.5) when there is a GPU *and* its weights are in the
+       local Hugging Face cache: nothing is downloaded unless you ask for it by name;
+    3. else the bundled shapes model (offline, CPU).
+
+    A GPU gets float16 weights for every model but the built-in ones. ``environ``, ``gpu``
+    and ``cached`` default to this machine's (they are arguments for tests).
+    """
+    environ = os.environ if environ is None else environ
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    device = "cuda" if gpu else "cpu"
+
+    def on_device(name: str, reason: str) -> ModelChoice:
+        small = name == "shapes" or name in BUILT_IN
+        return ModelChoice(name, device, torch.float16 if gpu and not small else None, reason)
+
+    named = environ.get(MODEL_VARIABLE, "").strip()
+    if named:
+        return on_device(named, f"{MODEL_VARIABLE} is set")
+    if not gpu:
+        return on_device("shapes", f"no GPU; set {MODEL_VARIABLE} to choose another model")
+    if cached(real):
+        return on_device(real, "a GPU, and its weights are in the local cache")
+    return on_device(
+        "shapes",
+        f"a GPU, but {real} is not in the local cache; set {MODEL_VARIABLE}={real} to download it (about 5 GB)",
+    )

@@ -1,6 +1,7 @@
 """Loading pipelines by name, from folders, offline."""
 
 import pytest
+import torch
 
 from p2p_widgets import edit, models
 from p2p_widgets.models import load_pipeline
@@ -30,3 +31,32 @@ def test_missing_shapes_weights_say_how_to_make_them(tmp_path, monkeypatch):
 def test_bad_names():
     with pytest.raises(ValueError, match="give a model name"):
         load_pipeline("")
+
+
+def test_choose_model_prefers_the_variable_then_a_cached_real_model_on_a_gpu():
+    never, always = (lambda name: False), (lambda name: True)
+    named = models.choose_model(environ={"P2P_WIDGETS_MODEL": "tiny"}, gpu=True, cached=always)
+    assert (named.name, named.device, named.dtype) == ("tiny", "cuda", None)
+    assert "P2P_WIDGETS_MODEL is set" in str(named)
+    folder = models.choose_model(environ={"P2P_WIDGETS_MODEL": "/models/sd"}, gpu=True, cached=never)
+    assert (folder.name, folder.dtype) == ("/models/sd", torch.float16)
+    real = models.choose_model(environ={}, gpu=True, cached=always)
+    assert (real.name, real.device, real.dtype) == (models.REAL_MODEL, "cuda", torch.float16)
+    not_cached = models.choose_model(environ={}, gpu=True, cached=never)
+    assert not_cached.is_shapes and "not in the local cache" in not_cached.reason
+    assert f"P2P_WIDGETS_MODEL={models.REAL_MODEL}" in not_cached.reason
+    cpu = models.choose_model(environ={"P2P_WIDGETS_MODEL": "  "}, gpu=False, cached=always)
+    assert (cpu.name, cpu.device, cpu.dtype) == ("shapes", "cpu", None) and "no GPU" in cpu.reason
+
+
+def test_choose_model_asks_no_server_about_an_uncached_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert not models._in_cache("someone/not-a-cached-model")
+    assert models._in_cache(str(tmp_path))  # a folder is there
+    assert models.choose_model("someone/not-a-cached-model", environ={}, gpu=True).is_shapes
+
+
+def test_the_chosen_model_loads(monkeypatch):
+    choice = models.choose_model(environ={"P2P_WIDGETS_MODEL": "tiny"}, gpu=False)
+    assert choice.load().unet.device.type == "cpu"
