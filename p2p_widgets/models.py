@@ -9,13 +9,14 @@ pipelines with random weights (for trying the API and for tests: their images ar
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-__all__ = ["load_pipeline", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
+__all__ = ["load_pipeline", "model_name", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
 
 BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2"}
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
@@ -47,18 +48,58 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
 
         pipe = tiny_pipeline(BUILT_IN[name], dtype=dtype or torch.float32)
     else:
-        from diffusers import StableDiffusionPipeline
-
         options = {"safety_checker": None, "requires_safety_checker": False}
-        if Path(name).expanduser().exists():  # a folder: never ask the hub
+        local = Path(name).expanduser().exists()
+        if local:  # a folder: never ask the hub
             name = str(Path(name).expanduser())
             options["local_files_only"] = True
         options.update(kwargs)
         if dtype is not None:
             options["torch_dtype"] = dtype
-        pipe = StableDiffusionPipeline.from_pretrained(name, **options)
+        with _quiet(local):
+            from diffusers import StableDiffusionPipeline  # its first import is where transformers warns
+
+            pipe = StableDiffusionPipeline.from_pretrained(name, **options)
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
+
+
+def model_name(pipe: Any) -> str | None:
+    """"shapes" for the bundled model's pipeline, else the folder or hub id it was loaded
+    from (None for a pipeline built in memory)."""
+    loaded_from = getattr(pipe, "name_or_path", None)
+    if not loaded_from:
+        return None
+    try:
+        if Path(loaded_from).expanduser().resolve() == SHAPES_WEIGHTS.resolve():
+            return "shapes"
+    except (OSError, ValueError):
+        pass
+    return str(loaded_from)
+
+
+@contextmanager
+def _quiet(local: bool) -> Iterator[None]:
+    """Loading from a folder: no progress bars and only errors from diffusers and
+    transformers (e.g. transformers' notice that torchvision is missing, which concerns
+    image processors this package never uses). Downloads keep their progress bars."""
+    if not local:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    try:
+        for module, _, _ in saved:
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+        yield
+    finally:
+        for module, verbosity, bars in saved:
+            module.set_verbosity(verbosity)
+            if bars:
+                module.enable_progress_bar()
 
 
 @dataclass(frozen=True)

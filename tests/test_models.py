@@ -60,3 +60,15 @@ def test_choose_model_asks_no_server_about_an_uncached_model(monkeypatch, tmp_pa
 def test_the_chosen_model_loads(monkeypatch):
     choice = models.choose_model(environ={"P2P_WIDGETS_MODEL": "tiny"}, gpu=False)
     assert choice.load().unet.device.type == "cpu"
+
+
+def test_loading_a_folder_is_quiet_and_leaves_logging_as_it_was(sd1, tmp_path, capfd):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    sd1.save_pretrained(tmp_path)
+    before = [(m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    capfd.readouterr()
+    load_pipeline(str(tmp_path))
+    assert "Loading" not in capfd.readouterr().err  # no progress bars
+    assert [(m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)] == before

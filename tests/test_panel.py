@@ -381,3 +381,12 @@ def test_chips_are_rebuilt_only_when_words_change_and_old_ones_closed(panel):
     panel.view._edit_rows[0]["prompt"].value = "a dog riding a tricycle"
     assert panel.view.chip(1, 1) is not first
     assert first.comm is None  # closed
+
+
+def test_a_shapes_pipeline_object_gets_the_shapes_example_and_blend_threshold(shapes, sd1):
+    panel = P2PPanel(shapes)
+    assert panel.session.settings.source.endswith("on a black background")
+    assert panel.session.settings.threshold == 0.7 and panel.session.model == "shapes"
+    assert P2PPanel(shapes, threshold=0.4).session.settings.threshold == 0.4  # given wins
+    other = P2PPanel(sd1)
+    assert other.session.settings.source == SOURCE and other.session.settings.threshold == 0.3

@@ -22,6 +22,9 @@ _EXAMPLES = {  # prompts to start from when none are given, by model name
     "shapes": ("a big red circle and a small blue square on a black background", "a big red star and a small blue square on a black background"),
 }
 _DEFAULT_EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")
+_MODEL_SETTINGS = {  # defaults that suit a model, unless given
+    "shapes": {"threshold": 0.7},  # its word maps keep a floor of 0.2-0.5 of their peak (see its model card)
+}
 
 
 class P2PPanel:
@@ -47,11 +50,14 @@ class P2PPanel:
         preview_every: int = 5,
         **settings: Any,
     ):
-        model = None
-        if isinstance(pipe, str):
-            from ..models import load_pipeline
+        from ..models import load_pipeline, model_name
 
+        if isinstance(pipe, str):
             model, pipe = pipe, load_pipeline(pipe)
+        else:
+            model = model_name(pipe)
+        for name, value in _MODEL_SETTINGS.get(model or "", {}).items():
+            settings.setdefault(name, value)
         if source is None:
             source, example = _EXAMPLES.get(model or "", _DEFAULT_EXAMPLE)
             edits = (example,) if edits is None else edits
