@@ -1,14 +1,21 @@
-"""Command line: ``python -m p2p_widgets edit SOURCE TARGET... --out DIR``.
+"""Command line: ``python -m p2p_widgets edit SOURCE TARGET... --out DIR`` and ``demo``.
 
-Generates the source and its edits in one batch and saves PNGs that carry their
+``edit`` generates the source and its edits in one batch and saves PNGs that carry their
 recipe, plus the recipe as JSON. ``--recipe FILE`` re-runs a saved recipe (JSON or PNG).
 ``--heatmaps`` also saves every branch's word heatmaps (all steps) and a captioned gallery.
+
+``demo`` opens the notebooks (``notebooks/`` of a source checkout) in JupyterLab, the
+quick start first; ``--model NAME`` sets ``P2P_WIDGETS_MODEL`` for them, and any other
+option goes to JupyterLab (e.g. ``--no-browser --port 8888``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -29,11 +36,52 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     edit.add_argument("--out", default="out", help="folder for the images (default: out)")
     edit.add_argument("--heatmaps", action="store_true", help="also save word heatmaps and a gallery")
+    demo = commands.add_parser(
+        "demo", help="open the notebooks in JupyterLab (other options go to JupyterLab, e.g. --no-browser --port 8888)"
+    )
+    demo.add_argument("--model", help="the notebooks' model (sets P2P_WIDGETS_MODEL; default: their own choice)")
     return parser
 
 
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+FIRST_NOTEBOOK = "01_quickstart.ipynb"
+
+
+def _demo(model: str | None, jupyter_options: list[str]) -> int:
+    """Run JupyterLab on the quick start notebook; returns its exit code."""
+    import importlib.util
+
+    first = NOTEBOOKS / FIRST_NOTEBOOK
+    if not first.exists():
+        print(
+            f"error: the notebooks are not here ({NOTEBOOKS}): they come with the source repository, "
+            "so run this from a clone (pip install -e .), or open them on Binder or Colab (see the README)",
+            file=sys.stderr,
+        )
+        return 2
+    if importlib.util.find_spec("jupyterlab") is None:
+        print('error: JupyterLab is not installed: pip install jupyterlab (or pip install -e ".[test]")', file=sys.stderr)
+        return 2
+    environment = dict(os.environ)
+    if model:
+        from .models import MODEL_VARIABLE
+
+        environment[MODEL_VARIABLE] = model
+    command = [sys.executable, "-m", "jupyterlab", *jupyter_options, str(first)]
+    print("running:", " ".join(command), flush=True)
+    try:
+        return subprocess.call(command, env=environment)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":
+        return _demo(args.model, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from . import Recipe, Target, read_recipe, run, save_result
     from .models import load_pipeline
 

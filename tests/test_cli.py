@@ -30,3 +30,31 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert "give a source prompt" in capsys.readouterr().err
     assert main(["edit", "a cat", "a dog", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_demo_opens_the_quick_start_notebook_in_jupyterlab(monkeypatch):
+    import p2p_widgets.__main__ as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    assert main(["demo", "--model", "tiny", "--no-browser", "--port", "8901"]) == 0
+    (command, env), = calls
+    assert command[1:3] == ["-m", "jupyterlab"] and command[3:6] == ["--no-browser", "--port", "8901"]
+    assert command[-1] == str(cli.NOTEBOOKS / "01_quickstart.ipynb") and (cli.NOTEBOOKS / "01_quickstart.ipynb").exists()
+    assert env["P2P_WIDGETS_MODEL"] == "tiny"
+
+
+def test_demo_without_the_notebooks_says_where_they_are(monkeypatch, tmp_path, capsys):
+    import p2p_widgets.__main__ as cli
+
+    monkeypatch.setattr(cli, "NOTEBOOKS", tmp_path)
+    assert main(["demo"]) == 2
+    assert "source repository" in capsys.readouterr().err
+
+
+def test_unknown_options_of_edit_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["edit", "a cat", "a dog", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The panel in a real browser: JupyterLab on localhost, driven with Debian's Chromium.
 
-Runs a notebook that shows the panel on the tiny pipeline, clicks Generate, waits for
-the images, scrubs the timestep slider and checks the heatmaps change, runs another cell
-while a run is going (the kernel answers), cancels, and saves screenshots.
+Runs a notebook that shows the panel on the bundled shapes model, clicks Generate, waits
+for the images, scrubs the timestep slider and checks the heatmaps change, runs another
+cell while a run is going (the kernel answers), cancels, and saves screenshots (to
+``P2P_SCREENSHOT_DIR`` when set: the README's is ``docs/images/panel.png``).
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and the ``playwright``
 package (no browser download: it drives the system Chromium). Without them the test is
@@ -27,7 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
 CELLS = [
-    'from p2p_widgets.panel import P2PPanel\npanel = P2PPanel("tiny", "a cat riding a bicycle", ["a dog riding a bicycle"], steps=8)\npanel',
+    'from p2p_widgets.panel import P2PPanel\npanel = P2PPanel("shapes", steps=20)\npanel',
     "panel.session.update(steps=400)",
     'print("kernel answers while running:", panel.session.state.running)',
 ]
