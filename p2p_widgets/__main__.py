@@ -67,6 +67,8 @@ def _demo(model: str | None, jupyter_options: list[str]) -> int:
         from .models import MODEL_VARIABLE
 
         environment[MODEL_VARIABLE] = model
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in jupyter_options:
+        jupyter_options = [*jupyter_options, "--allow-root"]  # containers and CI run as root; JupyterLab refuses without
     command = [sys.executable, "-m", "jupyterlab", *jupyter_options, str(first)]
     print("running:", " ".join(command), flush=True)
     try:

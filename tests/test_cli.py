@@ -1,5 +1,7 @@
 """The command line, as the README's Quick start uses it."""
 
+import os
+
 from PIL import Image
 
 from p2p_widgets import read_recipe
@@ -40,6 +42,7 @@ def test_demo_opens_the_quick_start_notebook_in_jupyterlab(monkeypatch):
     assert main(["demo", "--model", "tiny", "--no-browser", "--port", "8901"]) == 0
     (command, env), = calls
     assert command[1:3] == ["-m", "jupyterlab"] and command[3:6] == ["--no-browser", "--port", "8901"]
+    assert ("--allow-root" in command) == (os.geteuid() == 0)  # JupyterLab refuses root without it
     assert command[-1] == str(cli.NOTEBOOKS / "01_quickstart.ipynb") and (cli.NOTEBOOKS / "01_quickstart.ipynb").exists()
     assert env["P2P_WIDGETS_MODEL"] == "tiny"
 
