@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -169,9 +170,12 @@ class Controller:
         mapping = torch.eye(length).repeat(count, 1, 1)  # (branches, parent tokens, tokens)
         alpha = torch.zeros(self.steps, count, length)  # (steps, branches, tokens): 1 = inject
         scale = torch.ones(self.steps, count, length)  # re-weighting factors
+        beta = torch.zeros(self.steps, count, length)  # value injection: the parent's share
         for index, branch in enumerate(self.branches[1:], start=1):
             target = branch.target
             mapping[index] = torch.from_numpy(branch.alignment.matrix)
+            same = torch.from_numpy(_same_tokens(self.branches[branch.parent].prompt, branch))
+            beta[target.values.steps(self.steps), index] = target.value_beta * same
             windows = [target.cross.default] * length
             for word, window in target.cross.words:
                 for token in branch.prompt.token_indices(word):
@@ -191,8 +195,9 @@ class Controller:
         # Host-side flags, so layers skip editing without looking at device tensors.
         self.cross_injected = [bool((alpha[s] > 0).any()) for s in range(self.steps)]
         self.cross_scaled = [bool((scale[s] != 1).any()) for s in range(self.steps)]
+        self.values_injected = [bool((beta[s] > 0).any()) for s in range(self.steps)]
         self.levels = [
-            _Level(group, parents, mapping, alpha, scale, self.device) for group, parents in self.level_lists
+            _Level(group, parents, mapping, alpha, scale, beta, self.device) for group, parents in self.level_lists
         ]
         # One depth of targets, all children of the source (the common case): edits need no
         # copy of the whole batch, the source row is concatenated in front of the edited rows.
@@ -328,9 +333,22 @@ class Controller:
 
     def explicit_rows(self, place: LayerPlace) -> int | None:
         """The first batch row whose cross-attention probabilities this step needs."""
-        if self.record or self.blend_factor == place.factor or self.cross_injected[self.step] or self.cross_scaled[self.step]:
+        step = self.step
+        if self.record or self.blend_factor == place.factor or self.cross_injected[step] or self.cross_scaled[step] or self.values_injected[step]:
             return self.offset
         return None
+
+    def cross_values(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
+        """Value injection (CL P2P) on the conditional half's values (branches, heads, tokens, dim):
+        ``V* = V + beta * (V_parent re-indexed to this prompt's tokens - V)`` for aligned tokens."""
+        if not self.values_injected[self.step]:
+            return conditional
+        edited = conditional.clone()
+        for level in self.levels:  # parents before children: chains see edited parents
+            carried = level.carry(edited[level.parents].transpose(-1, -2)).transpose(-1, -2)
+            weight = level.beta[self.step][:, None, :, None].to(conditional.dtype)
+            edited[level.rows] = torch.lerp(conditional[level.rows], carried, weight)
+        return edited
 
     def cross_probabilities(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
         """Record and edit the conditional half's cross-attention (branches, heads, pixels, tokens)."""
@@ -370,7 +388,7 @@ class _Level:
     weighted (``width`` is 1 unless a swapped word has more tokens in the parent).
     """
 
-    def __init__(self, group, parents, mapping, alpha, scale, device):
+    def __init__(self, group, parents, mapping, alpha, scale, beta, device):
         self.rows = _rows(group)
         self.parents = _rows(parents)
         self.count = len(group)
@@ -389,6 +407,7 @@ class _Level:
         self.weight = None if width == 1 and bool((weight == 1).all()) else weight.to(device)
         self.alpha = alpha[:, group].to(device)  # (steps, targets, tokens)
         self.scale = scale[:, group].to(device)
+        self.beta = beta[:, group].to(device)
 
     def carry(self, parent_maps: torch.Tensor) -> torch.Tensor:
         """Parent maps (targets, heads, pixels, parent tokens) re-indexed to the targets' tokens."""
@@ -408,6 +427,19 @@ def _rows(indices: list[int]) -> slice | list[int]:
     if len(set(indices)) == 1:
         return slice(indices[0], indices[0] + 1)
     return indices
+
+
+def _same_tokens(parent: Prompt, branch: Branch) -> "np.ndarray":
+    """(tokens,) float: 1 where the branch's token is its parent's token carried over
+    unchanged (one parent token, weight 1, the same id: unchanged words, begin- and
+    end-of-text, padding), 0 for swapped and new words."""
+    matrix = branch.alignment.matrix
+    same = np.zeros(matrix.shape[1], dtype=np.float32)
+    for token in range(matrix.shape[1]):
+        sources = np.flatnonzero(matrix[:, token])
+        if len(sources) == 1 and matrix[sources[0], token] == 1 and parent.ids[sources[0]] == branch.prompt.ids[token]:
+            same[token] = 1.0
+    return same
 
 
 def _tokens(prompt: Prompt, words: tuple) -> list[int]:

@@ -12,6 +12,10 @@ A run has one *source* prompt and any number of *targets*. Each target names its
 * ``self_attn``: the self-attention injection window (fraction or pair);
 * ``reweight``: ``{"word": c}`` scales the word's cross-attention by ``c`` (negative and
   zero allowed), inside the cross window unless ``reweight_window`` is given;
+* ``values``: the value-injection window (CL P2P): inside it, the cross-attention values
+  of the tokens aligned with the parent's (unchanged words, begin- and end-of-text,
+  padding) become ``(1 - value_beta) * V_target + value_beta * V_parent``; swapped and new
+  words keep their own values, so the edit itself is never undone. None by default;
 * ``preserve``: inject only these words' maps (object preservation, paper fig. 5);
 * ``blend``: a :class:`LocalBlend`, to confine the change to the regions of some words.
 
@@ -202,6 +206,8 @@ class Target:
     reweight_window: Window | None = None
     preserve: tuple[str, ...] = ()
     blend: LocalBlend | None = None
+    values: Window = field(default_factory=lambda: Window(0.0, 0.0))
+    value_beta: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -216,6 +222,11 @@ class Target:
             raise ValueError(f"kind must be 'auto', 'swap' or 'refine', not {self.kind!r}")
         object.__setattr__(self, "cross", CrossWindow.parse(self.cross))
         object.__setattr__(self, "self_attn", Window.parse(self.self_attn))
+        object.__setattr__(self, "values", Window.parse(self.values))
+        beta = self.value_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"value_beta is the parent's share of the values, a number from 0 to 1, not {beta!r}")
+        object.__setattr__(self, "value_beta", float(beta))
         if self.reweight_window is not None:
             object.__setattr__(self, "reweight_window", Window.parse(self.reweight_window))
         pairs = self.reweight.items() if isinstance(self.reweight, Mapping) else self.reweight
@@ -245,6 +256,8 @@ class Target:
             "reweight_window": None if self.reweight_window is None else self.reweight_window.to_json(),
             "preserve": list(self.preserve),
             "blend": None if self.blend is None else self.blend.to_json(),
+            "values": self.values.to_json(),
+            "value_beta": self.value_beta,
         }
 
     @classmethod

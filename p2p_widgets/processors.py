@@ -9,8 +9,9 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
   the target's attention probabilities by the parent's, without materialising them.
 * cross-attention: from which batch row on the probabilities are needed (``None``:
   none, at a step with nothing to record or edit). Those rows' probabilities are computed
-  explicitly (fp32 softmax) and given to the controller, which records and edits them;
-  the other rows (the unconditional half) use SDPA.
+  explicitly (fp32 softmax) and given to the controller, which records and edits them,
+  and so are their values (value injection); the other rows (the unconditional half)
+  use SDPA.
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
@@ -55,6 +56,8 @@ class AttentionHandler(Protocol):
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
 
     def cross_probabilities(self, place: LayerPlace, probs: torch.Tensor) -> torch.Tensor: ...
+
+    def cross_values(self, place: LayerPlace, values: torch.Tensor) -> torch.Tensor: ...
 
     def record_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None: ...
 
@@ -154,7 +157,8 @@ class P2PAttnProcessor:
             if attention_mask is not None:
                 scores = scores + attention_mask[first:]
             probs = self.handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
-            hidden_states = torch.matmul(probs.to(value.dtype), value[first:])
+            values = self.handler.cross_values(self.place, value[first:])
+            hidden_states = torch.matmul(probs.to(value.dtype), values)
             if first > 0:
                 mask = None if attention_mask is None else attention_mask[:first]
                 plain = F.scaled_dot_product_attention(

@@ -25,6 +25,9 @@ class Handler:
         self.seen = probs
         return probs
 
+    def cross_values(self, place, values):
+        return values
+
     def record_self(self, place, query, key, scale):
         pass
 
