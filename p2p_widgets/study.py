@@ -34,9 +34,23 @@ import torch.nn.functional as F
 
 from .control import _same_tokens, plan_branches
 from .edits import LocalBlend, Recipe, Target
-from .engine import Result, edit
+from .engine import Progress, Result, edit
 
-__all__ = ["Preset", "PRESETS", "preset", "psnr", "ssim", "CycleScore", "cycle", "cycle_score", "edited_mask"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "preset",
+    "psnr",
+    "ssim",
+    "edge_correlation",
+    "CycleScore",
+    "cycle",
+    "cycle_score",
+    "edited_mask",
+    "Sweep",
+    "SweepPoint",
+    "sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -204,8 +218,15 @@ def cycle(pipe: Any, prompt: str, forward: Target | str, **settings: Any) -> tup
     forward = forward if isinstance(forward, Target) else Target(forward)
     if forward.parent != 0:
         raise ValueError(f"the forward edit of a cycle edits the source (parent 0), not branch {forward.parent}")
+    result = edit(pipe, prompt, forward, _way_back(pipe, prompt, forward, 1), **settings)
+    return result, cycle_score(result)
+
+
+def _way_back(pipe: Any, prompt: str, forward: Target, parent: int) -> Target:
+    """The edit from ``forward``'s branch (``parent``) back to ``prompt``, with the same
+    windows; its blend (if any) on the words of ``prompt`` that the blend words replaced."""
     blend = forward.blend
-    if blend is not None:  # back from B: the region is where A's counterparts of B's blend words are
+    if blend is not None:
         source, ahead = plan_branches(Recipe(prompt, (forward,)), pipe.tokenizer)
         tokens = [t for word in blend.words for t in ahead.prompt.token_indices(word)]
         owner = source.prompt.word_of_token()
@@ -213,6 +234,188 @@ def cycle(pipe: Any, prompt: str, forward: Target | str, **settings: Any) -> tup
         if not words:
             raise ValueError(f"the blend words {blend.words} of {forward.prompt!r} have no counterpart in {prompt!r}")
         blend = replace(blend, words=tuple(words), parent_words=blend.words)
-    back = replace(forward, prompt=prompt, parent=1, blend=blend, reweight=(), preserve=())
-    result = edit(pipe, prompt, forward, back, **settings)
-    return result, cycle_score(result)
+    return replace(forward, prompt=prompt, parent=parent, blend=blend, reweight=(), preserve=())
+
+
+# -- sweeps -----------------------------------------------------------------------------
+def edge_correlation(a: Any, b: Any) -> float:
+    """Pearson correlation of two images' Sobel edge magnitudes (on grey levels): a
+    structure proxy, 1 when the edges are the same up to a scale; 0 if either has none."""
+    edges = []
+    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+    for image in (a, b):
+        grey = torch.from_numpy(_pixels(image).mean(-1))[None, None]
+        grey = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+        gx, gy = F.conv2d(grey, kernel[None, None]), F.conv2d(grey, kernel.T[None, None])
+        edges.append(torch.sqrt(gx**2 + gy**2).flatten())
+    x, y = (e - e.mean() for e in edges)
+    norm = float(torch.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum()) / norm if norm > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep grid: the forward edit's windows and blend threshold."""
+
+    cross: float
+    self_attn: float
+    k: float
+    values: float
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep's results: ``rows`` (one dict per grid point: its settings and metrics),
+    ``source`` (image A), ``edited`` and ``returned`` (B and A' of every point)."""
+
+    rows: tuple[dict[str, Any], ...]
+    source: Any
+    edited: tuple[Any, ...]
+    returned: tuple[Any, ...]
+
+    def to_csv(self, path: Any = None) -> str:
+        """The table as CSV text; also written to ``path`` if given."""
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        text = buffer.getvalue()
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def contact_sheet(self, columns: int | None = None, tile: int = 160):
+        """The source, then every point's edited image labelled with its settings (PIL)."""
+        from .plot import tile_images
+
+        labels = ["source"] + [
+            f"cross {r['cross']:g}, self {r['self_attn']:g}, k {r['k']:g}, values {r['values']:g}" for r in self.rows
+        ]
+        return tile_images([self.source, *self.edited], labels, columns=columns or min(6, len(labels)), tile=tile)
+
+
+def _finite(value: float) -> float:
+    """PSNR for a table: identical images (infinite PSNR) count as 100 dB."""
+    return round(min(value, 100.0), 2)
+
+
+def _grid(name: str, values: Any, low: float, high: float, high_open: bool = False) -> tuple[float, ...]:
+    values = (values,) if isinstance(values, (int, float)) and not isinstance(values, bool) else tuple(values)
+    if not values:
+        raise ValueError(f"the sweep's {name} grid is empty; give at least one value")
+    for value in values:
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if bad or not low <= value <= high or (high_open and value >= high):
+            closing = ")" if high_open else "]"
+            raise ValueError(f"the sweep's {name} grid holds {value!r}; its values are numbers in [{low:g}, {high:g}{closing}")
+    return tuple(float(v) for v in values)
+
+
+def sweep(
+    pipe: Any,
+    prompt: str,
+    edited: str,
+    *,
+    cross: Any = (0.8,),
+    self_attn: Any = (0.4,),
+    k: Any = (0.0,),
+    values: Any = (0.0,),
+    blend: tuple[str, ...] | list[str] | str | None = None,
+    value_beta: float = 1.0,
+    success: Any = None,
+    mask_threshold: float = 0.3,
+    max_targets: int | None = None,
+    callback: Any = None,
+    cancel: Any = None,
+    **settings: Any,
+) -> Sweep:
+    """One edit (``prompt`` -> ``edited``) over a grid of cross window x self window x
+    blend threshold ``k`` x value window (fractions of the steps; ``k`` 0: no blending;
+    ``blend``: the words of ``edited`` to blend on when ``k`` > 0).
+
+    Every point is run as a cycle A -> B -> A (two branches), as many points per diffusion
+    pass as ``max_targets`` allows (default: all; on a CUDA out-of-memory error the pass is
+    split in half and retried). Each row: the settings, ``cycle_psnr`` / ``cycle_ssim``
+    (A' against A), ``background_psnr`` (B against A outside the edit's attention mask:
+    :func:`edited_mask` at ``mask_threshold``; 0.7 suits the shapes model's maps),
+    ``edge_correlation`` (B's edges against A's), and ``edit_success`` when ``success`` (a
+    function of B's image returning True or False) is given. ``callback`` gets a
+    :class:`~p2p_widgets.Progress` after every step, counted across the passes (``stage``
+    names the pass); ``cancel`` (a ``threading.Event``) stops at the next step.
+    ``settings``: as for :func:`~p2p_widgets.edit` (seed, steps, ...).
+    """
+    grid = [
+        SweepPoint(c, s, kk, v)
+        for c in _grid("cross", cross, 0.0, 1.0)
+        for s in _grid("self_attn", self_attn, 0.0, 1.0)
+        for kk in _grid("k", k, 0.0, 1.0, high_open=True)
+        for v in _grid("values", values, 0.0, 1.0)
+    ]
+    words = None if blend is None else ((blend,) if isinstance(blend, str) else tuple(blend))
+    if any(p.k > 0 for p in grid) and not words:
+        raise ValueError("the k grid has thresholds above 0 but no blend words; give blend=(words of the edited prompt)")
+    if max_targets is not None and (isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 2):
+        raise ValueError(f"max_targets is the most branches per pass besides the source, at least 2, not {max_targets!r}")
+
+    def forward(point: SweepPoint) -> Target:
+        local = LocalBlend(words, threshold=point.k) if point.k > 0 else None
+        return Target(edited, cross=point.cross, self_attn=point.self_attn, blend=local, values=point.values, value_beta=value_beta)
+
+    targets = [forward(p) for p in grid]
+    backs = {}  # the way back of each point, made once (it tokenises)
+    size = len(grid) if max_targets is None else max(1, max_targets // 2)
+    passes = [list(range(i, min(i + size, len(grid)))) for i in range(0, len(grid), size)]
+    steps = int(settings.get("steps", 50))
+    results: dict[int, tuple[Result, int]] = {}
+    finished = 0
+    while passes:
+        chunk = passes.pop(0)
+        branches = []
+        for j, point in enumerate(chunk):
+            if point not in backs:
+                backs[point] = _way_back(pipe, prompt, targets[point], 0)
+            branches += [targets[point], replace(backs[point], parent=1 + 2 * j)]
+        total = (finished + 1 + len(passes)) * steps
+
+        def report(progress: Progress, offset: int = finished * steps, total: int = total) -> None:
+            if callback is not None:
+                callback(Progress(offset + progress.step, total, progress.timestep, progress.preview, "sweep"))
+
+        try:
+            result = edit(pipe, prompt, *branches, callback=report, cancel=cancel, **settings)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            passes[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+            continue
+        for j, point in enumerate(chunk):
+            results[point] = (result, 1 + 2 * j)
+        finished += 1
+
+    rows, edited_images, returned_images = [], [], []
+    source = results[0][0].images[0]
+    for index, point in enumerate(grid):
+        result, branch = results[index]
+        image, back = result.images[branch], result.images[branch + 1]
+        outside = ~edited_mask(result, branch, mask_threshold)
+        row = {
+            "cross": point.cross,
+            "self_attn": point.self_attn,
+            "k": point.k,
+            "values": point.values,
+            "cycle_psnr": _finite(psnr(source, back)),
+            "cycle_ssim": round(ssim(source, back), 4),
+            "background_psnr": _finite(psnr(source, image, outside if outside.any() else None)),
+            "edge_correlation": round(edge_correlation(source, image), 4),
+        }
+        if success is not None:
+            row["edit_success"] = bool(success(image))
+        rows.append(row)
+        edited_images.append(image)
+        returned_images.append(back)
+    return Sweep(tuple(rows), source, tuple(edited_images), tuple(returned_images))

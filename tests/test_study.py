@@ -1,12 +1,14 @@
 """The CL P2P tools: presets, image metrics, cycles A -> B -> A."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
 
-from p2p_widgets import LocalBlend, Target, edit
-from p2p_widgets.study import PRESETS, cycle, cycle_score, edited_mask, preset, psnr, ssim
+from p2p_widgets import Cancelled, LocalBlend, Target, edit
+from p2p_widgets.shapes.evaluate import prompt_matches
+from p2p_widgets.study import PRESETS, cycle, cycle_score, edited_mask, preset, psnr, ssim, sweep
 
 SOURCE = "a cat riding a bicycle"
 SWAP = "a dog riding a bicycle"
@@ -80,3 +82,59 @@ def test_a_way_back_longer_than_the_way_there_drifts_and_scores_lower(sd1):
         cycle_score(edit(sd1, SOURCE, Target(SWAP), Target("a cow riding a bicycle", parent=1), steps=2, seed=0))
     with pytest.raises(ValueError, match="edits the source"):
         cycle(sd1, SOURCE, Target(SWAP, parent=1))
+
+
+def test_a_sweep_has_one_row_per_grid_point_with_finite_metrics(sd1, tmp_path):
+    result = sweep(sd1, SOURCE, SWAP, cross=(0.2, 0.8), self_attn=0.4, k=(0.0, 0.5), values=(0.0, 0.5), blend="dog", steps=3, seed=0)
+    assert len(result.rows) == 8 and len(result.edited) == len(result.returned) == 8
+    settings = {(r["cross"], r["self_attn"], r["k"], r["values"]) for r in result.rows}
+    assert settings == {(c, 0.4, k, v) for c in (0.2, 0.8) for k in (0.0, 0.5) for v in (0.0, 0.5)}
+    for row in result.rows:
+        for name in ("cycle_psnr", "cycle_ssim", "background_psnr", "edge_correlation"):
+            assert math.isfinite(row[name]), (name, row)
+    text = result.to_csv(tmp_path / "sweep.csv")
+    assert text.splitlines()[0] == "cross,self_attn,k,values,cycle_psnr,cycle_ssim,background_psnr,edge_correlation"
+    assert (tmp_path / "sweep.csv").read_text() == text and len(text.splitlines()) == 9
+    sheet = result.contact_sheet(columns=3)
+    assert sheet.width > 2 * sheet.height / 3  # 9 tiles in 3 columns
+
+
+def test_a_sweep_in_small_passes_reports_progress_across_them_and_cancels(sd1):
+    seen = []
+    whole = sweep(sd1, SOURCE, SWAP, cross=(0.2, 0.5, 0.8), steps=2, seed=0)
+    split = sweep(sd1, SOURCE, SWAP, cross=(0.2, 0.5, 0.8), steps=2, seed=0, max_targets=2, callback=seen.append)
+    assert [p.step for p in seen] == list(range(6)) and {p.steps for p in seen} == {6}  # 3 passes of 2 steps
+    for a, b in zip(whole.rows, split.rows):
+        assert a["cross"] == b["cross"] and a["edge_correlation"] == pytest.approx(b["edge_correlation"], abs=1e-3)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        sweep(sd1, SOURCE, SWAP, steps=2, cancel=stop)
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (dict(cross=()), "the sweep's cross grid is empty"),
+        (dict(self_attn=(0.2, 1.5)), "the sweep's self_attn grid holds 1.5; its values are numbers in \\[0, 1\\]"),
+        (dict(k=(1.0,), blend="dog"), "the sweep's k grid holds 1.0; its values are numbers in \\[0, 1\\)"),
+        (dict(k=(0.3,)), "no blend words"),
+        (dict(values=("all",)), "the sweep's values grid holds 'all'"),
+        (dict(max_targets=1), "max_targets is the most branches per pass"),
+    ],
+)
+def test_bad_grids_are_refused_before_anything_runs(sd1, grid, message):
+    with pytest.raises(ValueError, match=message):
+        sweep(sd1, SOURCE, SWAP, steps=2, **grid)
+
+
+def test_a_sweep_on_the_shapes_model_measures_edit_success(shapes):
+    source = "a big red circle and a small blue square on a black background"
+    edited = source.replace("blue", "green")
+    result = sweep(shapes, source, edited, cross=0.8, self_attn=0.4, k=(0.0, 0.7), blend="green", mask_threshold=0.7,
+                   success=lambda image: prompt_matches(image, edited), steps=20, seed=0, self_max_scale=1.0)
+    assert all(row["edit_success"] for row in result.rows), result.rows
+    assert prompt_matches(result.source, source) and not prompt_matches(result.source, edited)
+    blended = [r["background_psnr"] for r in result.rows if r["k"] == 0.7]
+    plain = [r["background_psnr"] for r in result.rows if r["k"] == 0.0]
+    assert min(blended) > max(plain)  # local blending keeps the rest of the scene

@@ -56,10 +56,11 @@ from .data import (
     classify_color,
     classify_shape,
     object_masks_from_pixels,
+    parse_caption,
     sample_words,
 )
 
-__all__ = ["EvalSettings", "evaluate", "main"]
+__all__ = ["EvalSettings", "evaluate", "prompt_matches", "main"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ def _objects(image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
 def _find(image: np.ndarray, color: str) -> np.ndarray | None:
     """The largest object of ``color`` in the image, or None."""
     return _objects(image)[0].get(color)
+
+
+def prompt_matches(image: Any, text: str) -> bool:
+    """Whether an image shows exactly the objects a shapes caption names, each with its
+    colour and shape (found from pixels): e.g. an edit's success in a sweep."""
+    return _correct(_pixels(image), parse_caption(text)) is not None
 
 
 def _word_indices(words: SceneWords) -> list[dict[str, int]]:
