@@ -390,3 +390,24 @@ def test_a_shapes_pipeline_object_gets_the_shapes_example_and_blend_threshold(sh
     assert P2PPanel(shapes, threshold=0.4).session.settings.threshold == 0.4  # given wins
     other = P2PPanel(sd1)
     assert other.session.settings.source == SOURCE and other.session.settings.threshold == 0.3
+
+
+def test_the_cl_p2p_presets_and_value_injection_in_the_panel(panel, sd1):
+    w, s = panel.widgets, panel.session
+    assert w["preset"].value == ""  # the defaults (cross 0.8, self 0.4) are no preset
+    w["preset"].value = "optimised"
+    assert (s.settings.cross, s.settings.self_attn, s.settings.threshold) == ((0.0, 0.2), (0.0, 0.8), 0.0)
+    assert tuple(w["cross"].value) == (0.0, 0.2) and w["threshold"].value == 0.0
+    s.choose(1, "dog", local=True)
+    assert s.settings.target(1).blend is None  # k 0: no blending, as the report means it
+    w["values"].value = (0.0, 0.5)
+    w["preset"].value = "literature"
+    target = s.settings.target(1)
+    assert target.blend == LocalBlend((1,), threshold=0.3) and target.values == Window(0.0, 0.5)  # word 1: "dog"
+    w["cross"].value = (0.0, 0.6)
+    assert w["preset"].value == ""  # moved off the preset: custom
+    assert not s.apply_preset("best") and "no preset named 'best'" in s.state.error
+    state = _click_and_wait(panel)
+    assert state.status == "done", state.message
+    assert state.entry.result.recipe.targets[0].values == Window(0.0, 0.5)
+    assert torch.equal(state.entry.result.latents, run(sd1, s.settings.recipe()).latents)

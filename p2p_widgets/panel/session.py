@@ -112,8 +112,9 @@ class EditRow:
 @dataclass(frozen=True)
 class Settings:
     """Everything the panel's inputs hold. ``size`` is (height, width) or None for the
-    model's default; ``cross`` and ``self_attn`` are (start, end) fractions of the steps;
-    ``threshold`` is the local-blend threshold k."""
+    model's default; ``cross``, ``self_attn`` and ``values`` (value injection, CL P2P) are
+    (start, end) fractions of the steps; ``threshold`` is the local-blend threshold k
+    (0: no blending, as in the CL P2P report's optimised preset)."""
 
     source: str = ""
     edits: tuple[EditRow, ...] = (EditRow(),)
@@ -124,6 +125,7 @@ class Settings:
     cross: tuple[float, float] = (0.0, 0.8)
     self_attn: tuple[float, float] = (0.0, 0.4)
     threshold: float = 0.3
+    values: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str):
@@ -132,7 +134,7 @@ class Settings:
         check_seed_and_steps(self.seed, self.steps)
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
             raise TypeError(f"guidance must be a finite number, not {self.guidance!r}")
-        for name in ("cross", "self_attn"):
+        for name in ("cross", "self_attn", "values"):
             window = Window.parse(getattr(self, name))  # validates
             object.__setattr__(self, name, (window.start, window.end))
         if self.size is not None:
@@ -140,7 +142,8 @@ class Settings:
             if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
                 raise ValueError(f"size is (height, width) in pixels or None, not {self.size!r}")
             object.__setattr__(self, "size", size)
-        LocalBlend(("x",), threshold=self.threshold)  # validates the threshold
+        if self.threshold != 0:  # 0: no blending
+            LocalBlend(("x",), threshold=self.threshold)  # validates the threshold
 
     def target(self, row: int) -> Target:
         """The :class:`Target` of edit row ``row`` (1-based, as branches are)."""
@@ -155,7 +158,8 @@ class Settings:
             self_attn=Window(*self.self_attn),
             reweight=reweight,
             preserve=preserve,
-            blend=LocalBlend(local, threshold=self.threshold) if local else None,
+            blend=LocalBlend(local, threshold=self.threshold) if local and self.threshold > 0 else None,
+            values=Window(*self.values),
         )
 
     def recipe(self, model: str | None = None) -> Recipe:
@@ -211,7 +215,7 @@ class Settings:
                 notes.append(f"edit {i}: per-word cross windows are not shown; one window used")
             if target.reweight_window is not None:
                 notes.append(f"edit {i}: the separate re-weight window is not shown; the cross window used")
-            if (target.cross.default, target.self_attn) != (first.cross.default, first.self_attn):
+            if (target.cross.default, target.self_attn, target.values) != (first.cross.default, first.self_attn, first.values):
                 notes.append(f"edit {i}: its windows differ from edit 1's; the panel uses edit 1's for all")
             rows.append(EditRow(target.prompt, target.kind, tuple(sorted(words.items()))))
         blends = [t.blend.threshold for t in recipe.targets if t.blend is not None]
@@ -228,6 +232,7 @@ class Settings:
             cross=(first.cross.default.start, first.cross.default.end),
             self_attn=(first.self_attn.start, first.self_attn.end),
             threshold=blends[0] if blends else 0.3,
+            values=(first.values.start, first.values.end),
         )
         return settings, tuple(notes)
 
@@ -372,7 +377,7 @@ class Session:
 
     # -- settings ---------------------------------------------------------------------
     def update(self, **changes: Any) -> bool:
-        """Change settings fields (seed, steps, guidance, size, cross, self_attn,
+        """Change settings fields (seed, steps, guidance, size, cross, self_attn, values,
         threshold, source). Returns False and sets ``state.error`` on bad values, leaving
         the settings as they were."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
@@ -390,6 +395,29 @@ class Session:
         self._replace(settings=settings, error=None)
         return True
 
+
+    def apply_preset(self, name: str) -> bool:
+        """Set the windows and the blend threshold to a CL P2P preset ("literature" or
+        "optimised", see :mod:`p2p_widgets.study`). Returns False (``state.error`` set) for
+        an unknown name."""
+        from ..study import preset
+
+        try:
+            chosen = preset(name)
+        except ValueError as error:
+            self.report(error)
+            return False
+        return self.update(cross=(0.0, chosen.cross), self_attn=(0.0, chosen.self_attn), threshold=chosen.k)
+
+    def preset_name(self) -> str | None:
+        """The preset the current windows and threshold match, or None (custom)."""
+        from ..study import PRESETS
+
+        s = self.settings
+        for name, p in PRESETS.items():
+            if (s.cross, s.self_attn, s.threshold) == ((0.0, p.cross), (0.0, p.self_attn), p.k):
+                return name
+        return None
 
     def new_seed(self) -> int:
         seed = random.SystemRandom().randrange(2**31)

@@ -80,7 +80,16 @@ class PanelView:
         w["size"] = widgets.Dropdown(options=[(label, i) for i, (label, _) in enumerate(self._sizes)], description="size", style=_WIDE)
         w["cross"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="cross inject", style=_WIDE, continuous_update=False)
         w["self_attn"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="self inject", style=_WIDE, continuous_update=False)
-        w["threshold"] = widgets.FloatSlider(min=0.05, max=0.95, step=0.05, description="blend k", style=_WIDE, continuous_update=False)
+        w["threshold"] = compat.tooltip(
+            widgets.FloatSlider(min=0.0, max=0.95, step=0.05, description="blend k", style=_WIDE, continuous_update=False),
+            "local-blend threshold k; 0: no blending",
+        )
+        w["values"] = compat.tooltip(
+            widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="value inject", style=_WIDE, continuous_update=False),
+            "CL P2P value injection: unchanged words take the source's attention values in these steps",
+        )
+        presets = [("custom", ""), ("literature: k 0.3, cross 0.8, self 0.2", "literature"), ("optimised (CL P2P): k 0, cross 0.2, self 0.8", "optimised")]
+        w["preset"] = widgets.Dropdown(options=presets, value="", description="preset", style=_WIDE)
         # -- run
         w["generate"] = widgets.Button(description="Generate", button_style="primary", icon="play")
         w["cancel"] = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
@@ -115,13 +124,15 @@ class PanelView:
                 w["steps"],
                 w["guidance"],
                 w["size"],
+                w["preset"],
                 w["cross"],
                 w["self_attn"],
                 w["threshold"],
+                w["values"],
             ]
         )
         w["settings"] = widgets.Accordion(children=[settings_box])
-        compat.set_titles(w["settings"], ["settings: seed, steps, guidance, size, injection windows, blend threshold"])
+        compat.set_titles(w["settings"], ["settings: seed, steps, guidance, size, injection windows and presets, blend threshold"])
         self.root = widgets.VBox(
             [
                 w["source"],
@@ -187,6 +198,8 @@ class PanelView:
         self._on_value("cross", lambda value: s.update(cross=tuple(value)))
         self._on_value("self_attn", lambda value: s.update(self_attn=tuple(value)))
         self._on_value("threshold", lambda value: s.update(threshold=float(value)))
+        self._on_value("values", lambda value: s.update(values=tuple(value)))
+        self._on_value("preset", lambda name: s.apply_preset(name) if name else None)
         w["generate"].on_click(self._guard(lambda _: s.run()))
         w["cancel"].on_click(self._guard(lambda _: s.cancel()))
         self._on_value("branch", lambda value: s.show(branch=value))
@@ -274,6 +287,8 @@ class PanelView:
         self._set("cross", settings.cross)
         self._set("self_attn", settings.self_attn)
         self._set("threshold", settings.threshold)
+        self._set("values", settings.values)
+        self._set("preset", self.session.preset_name() or "")
         if len(self._edit_rows) != len(settings.edits):
             self._build_edit_rows(len(settings.edits))
         for row, (edit, widgets_) in enumerate(zip(settings.edits, self._edit_rows), start=1):
