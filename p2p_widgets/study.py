@@ -190,16 +190,17 @@ def edited_mask(result: Result, branch: int, threshold: float = 0.3, dilation: i
 
 
 def cycle_score(result: Result, back: int = 2, threshold: float = 0.3) -> CycleScore:
-    """Score a run whose branch ``back`` returns to the source's prompt through one edit
-    (A -> B -> A): A' against A, whole and outside the edit's mask (the forward edit's
-    changed words, see :func:`edited_mask`)."""
+    """Score a run whose branch ``back`` returns through one edit to the prompt that edit
+    started from (A -> B -> A, anywhere in a chain): A' against A, whole and outside the
+    edit's mask (the forward edit's changed words, see :func:`edited_mask`)."""
     chain = result.branches[back]
     forward = chain.parent
-    if chain.prompt.text != result.branches[0].prompt.text or result.branches[forward].parent != 0:
-        raise ValueError(f"branch {back} is not a return to the source through one edit (A -> B -> A)")
+    origin = result.branches[forward].parent
+    if forward <= 0 or chain.prompt.text != result.branches[origin].prompt.text:
+        raise ValueError(f"branch {back} is not a return to the prompt its parent edited (A -> B -> A)")
     mask = edited_mask(result, forward, threshold)
     outside = ~mask if (~mask).any() else None
-    source, returned = result.images[0], result.images[back]
+    source, returned = result.images[origin], result.images[back]
     return CycleScore(
         psnr=psnr(source, returned),
         ssim=ssim(source, returned),

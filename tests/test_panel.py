@@ -411,3 +411,46 @@ def test_the_cl_p2p_presets_and_value_injection_in_the_panel(panel, sd1):
     assert state.status == "done", state.message
     assert state.entry.result.recipe.targets[0].values == Window(0.0, 0.5)
     assert torch.equal(state.entry.result.latents, run(sd1, s.settings.recipe()).latents)
+
+
+def test_conversational_editing_continues_the_chain_and_goes_back(panel, sd1):
+    w, s = panel.widgets, panel.session
+    first = _click_and_wait(panel).entry  # run 1: cat -> dog
+    s.show(branch=1)
+    w["continue"].click()  # edit the dog further
+    assert s.settings.chain == (first.result.recipe.targets[0],) and s.breadcrumb() == (SOURCE, EDIT)
+    assert s.settings.edits[0].prompt == EDIT and len(w["crumbs"].children) == 4  # label, 0, >, 1
+    s.set_edit(1, prompt="a dog riding a car")
+    second = _click_and_wait(panel).entry
+    assert [t.parent for t in second.result.recipe.targets] == [0, 1]
+    # the earlier steps are what they were (up to the batched kernels' float rounding)
+    assert (second.result.latents[:2] - first.result.latents).abs().max() < 1e-3
+    assert s.state.view.branch == 2  # the new edit is shown
+    s.continue_from(second.number, 2)
+    assert s.breadcrumb() == (SOURCE, EDIT, "a dog riding a car")
+    w["crumbs"].children[3].click()  # step 1: back to the dog
+    assert s.breadcrumb() == (SOURCE, EDIT) and s.settings.edits[0].prompt == EDIT
+    s.back_to(0)
+    assert s.settings.chain == () and not w["crumbs"].children
+    with pytest.raises(ValueError, match="the chain has steps 0..0"):
+        s.back_to(3)
+
+
+def test_the_cycle_button_runs_the_edit_back_and_shows_the_score(panel):
+    w, s = panel.widgets, panel.session
+    w["cycle"].click()
+    state = s.wait(timeout=120)
+    assert state.status == "done", state.message
+    entry = state.entry
+    assert [b.prompt.text for b in entry.result.branches] == [SOURCE, EDIT, SOURCE]
+    assert entry.cycle is not None and entry.cycle.psnr == float("inf")  # one batch: it returns exactly
+    assert "cycle back to step 0: PSNR inf dB" in w["status"].value
+
+
+def test_a_chain_recipe_loads_back_as_a_chain(panel, tmp_path):
+    s = panel.session
+    s.update(edits=(EditRow(EDIT),), chain=(Target("a cow riding a bicycle"),))
+    recipe = s.recipe()
+    settings, notes = Settings.from_recipe(recipe)
+    assert settings.chain == recipe.targets[:1] and settings.edits[0].prompt == EDIT and notes == ()
+    assert settings.recipe().targets == recipe.targets

@@ -78,7 +78,7 @@ def test_a_way_back_longer_than_the_way_there_drifts_and_scores_lower(sd1):
     drifted = edit(sd1, SOURCE, there, back, steps=4, seed=0)
     score = cycle_score(drifted)
     assert score.psnr < 60 and score.ssim < 1.0
-    with pytest.raises(ValueError, match="not a return to the source"):
+    with pytest.raises(ValueError, match="not a return to the prompt its parent edited"):
         cycle_score(edit(sd1, SOURCE, Target(SWAP), Target("a cow riding a bicycle", parent=1), steps=2, seed=0))
     with pytest.raises(ValueError, match="edits the source"):
         cycle(sd1, SOURCE, Target(SWAP, parent=1))

@@ -126,6 +126,7 @@ class Settings:
     self_attn: tuple[float, float] = (0.0, 0.4)
     threshold: float = 0.3
     values: tuple[float, float] = (0.0, 0.0)
+    chain: tuple[Target, ...] = ()  # conversational editing: P1 .. Pk, each editing the one before
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str):
@@ -142,6 +143,11 @@ class Settings:
             if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
                 raise ValueError(f"size is (height, width) in pixels or None, not {self.size!r}")
             object.__setattr__(self, "size", size)
+        chain = tuple(self.chain)
+        for i, step in enumerate(chain):
+            if not isinstance(step, Target) or step.parent != i:
+                raise ValueError(f"chain step {i + 1} must be a Target editing step {i} (parent {i})")
+        object.__setattr__(self, "chain", chain)
         if self.threshold != 0:  # 0: no blending
             LocalBlend(("x",), threshold=self.threshold)  # validates the threshold
 
@@ -152,7 +158,8 @@ class Settings:
         preserve = tuple(word for word, c in edit.words if c.preserve)
         local = tuple(word for word, c in edit.words if c.local)
         return Target(
-            edit.prompt.strip() or self.source,
+            edit.prompt.strip() or self.head,
+            parent=len(self.chain),
             kind=edit.kind,
             cross=CrossWindow(Window(*self.cross)),
             self_attn=Window(*self.self_attn),
@@ -162,12 +169,23 @@ class Settings:
             values=Window(*self.values),
         )
 
-    def recipe(self, model: str | None = None) -> Recipe:
-        """The run's recipe. Raises ValueError naming the problem (empty prompt, ...)."""
+    @property
+    def head(self) -> str:
+        """The prompt the edit rows edit: the chain's last step, or the source."""
+        return self.chain[-1].prompt if self.chain else self.source
+
+    @property
+    def first_row_branch(self) -> int:
+        """The branch of edit row 1 in the run (after the chain's steps)."""
+        return len(self.chain) + 1
+
+    def recipe(self, model: str | None = None, extra: tuple[Target, ...] = ()) -> Recipe:
+        """The run's recipe (the chain, then the edit rows, then ``extra``). Raises
+        ValueError naming the problem (empty prompt, ...)."""
         height, width = self.size if self.size is not None else (None, None)
         return Recipe(
             self.source,
-            tuple(self.target(row) for row in range(1, len(self.edits) + 1)),
+            (*self.chain, *(self.target(row) for row in range(1, len(self.edits) + 1)), *extra),
             seed=self.seed,
             steps=self.steps,
             guidance=self.guidance,
@@ -182,9 +200,19 @@ class Settings:
         has one cross window, one self window and one blend threshold for all edits, and
         edits whose parent is the source)."""
         notes: list[str] = []
-        first = recipe.targets[0] if recipe.targets else Target(recipe.prompt)
+        targets = recipe.targets
+        k = next(  # a chain P1 .. Pk (each editing the one before), then edits of Pk
+            (
+                k
+                for k in range(len(targets) - 1, 0, -1)
+                if all(t.parent == i for i, t in enumerate(targets[:k])) and all(t.parent == k for t in targets[k:])
+            ),
+            0,
+        )
+        chain, targets = targets[:k], targets[k:]
+        first = targets[0] if targets else Target(recipe.prompt)
         rows = []
-        for i, target in enumerate(recipe.targets, start=1):
+        for i, target in enumerate(targets, start=1):
             words: dict[int, WordChoice] = {}
             prompt = tokenize_words(target.prompt)
 
@@ -209,7 +237,7 @@ class Settings:
                         words[k] = dataclasses.replace(words.get(k, WordChoice()), local=True)
                 if target.blend.parent_words is not None or target.blend.dilation != 1 or target.blend.start:
                     notes.append(f"edit {i}: the blend's parent words, dilation and start are not shown; defaults used")
-            if target.parent != 0:
+            if target.parent != k:
                 notes.append(f"edit {i}: its parent {target.parent} is not shown; it edits the source here")
             if target.cross.words:
                 notes.append(f"edit {i}: per-word cross windows are not shown; one window used")
@@ -218,7 +246,7 @@ class Settings:
             if (target.cross.default, target.self_attn, target.values) != (first.cross.default, first.self_attn, first.values):
                 notes.append(f"edit {i}: its windows differ from edit 1's; the panel uses edit 1's for all")
             rows.append(EditRow(target.prompt, target.kind, tuple(sorted(words.items()))))
-        blends = [t.blend.threshold for t in recipe.targets if t.blend is not None]
+        blends = [t.blend.threshold for t in targets if t.blend is not None]
         if len(set(blends)) > 1:
             notes.append("the edits use different blend thresholds; the panel uses the first for all")
         size = None if recipe.height is None or recipe.width is None else (recipe.height, recipe.width)
@@ -233,6 +261,7 @@ class Settings:
             self_attn=(first.self_attn.start, first.self_attn.end),
             threshold=blends[0] if blends else 0.3,
             values=(first.values.start, first.values.end),
+            chain=chain,
         )
         return settings, tuple(notes)
 
@@ -255,6 +284,7 @@ class Entry:
     result: Result
     seconds: float
     thumbnail: Image.Image = field(repr=False, compare=False)
+    cycle: Any = None  # a study.CycleScore when the run was a cycle
 
 
 @dataclass(frozen=True)
@@ -563,9 +593,11 @@ class Session:
     def running(self) -> bool:
         return self._state.running
 
-    def run(self, wait: bool = False) -> bool:
+    def run(self, wait: bool = False, cycle: bool = False) -> bool:
         """Start a run of the current settings in a background thread.
 
+        ``cycle=True`` also runs edit row 1 back to the prompt it edits (same windows) and
+        scores the return (:func:`p2p_widgets.study.cycle_score`, kept as ``entry.cycle``).
         Returns False (with ``state.error`` set) when the settings are invalid or a run
         is already going; nothing else changes then. ``wait=True`` returns when done.
         """
@@ -574,7 +606,15 @@ class Session:
                 self.report("a run is already going; wait for it or cancel it")
                 return False
             try:
-                recipe = self.recipe()
+                extra: tuple[Target, ...] = ()
+                if cycle:
+                    from ..study import _way_back
+
+                    settings = self.settings
+                    forward = settings.target(1)
+                    back = _way_back(self.pipe, settings.head, dataclasses.replace(forward, parent=0), settings.first_row_branch)
+                    extra = (back,)
+                recipe = self.settings.recipe(self.model, extra)
                 from ..control import plan_branches
 
                 plan_branches(recipe, self.pipe.tokenizer)  # word and alignment errors, before starting
@@ -584,13 +624,14 @@ class Session:
             self._cancel.clear()
             settings = self.settings
             self._replace(status="running", error=None, message="starting...", step=0, steps=recipe.steps, preview=None)
-            self._thread = threading.Thread(target=self._work, args=(recipe, settings), name="p2p-run", daemon=True)
+            back_branch = len(recipe.targets) if cycle else None
+            self._thread = threading.Thread(target=self._work, args=(recipe, settings, back_branch), name="p2p-run", daemon=True)
             self._thread.start()
         if wait:
             self.wait()
         return True
 
-    def _work(self, recipe: Recipe, settings: Settings) -> None:
+    def _work(self, recipe: Recipe, settings: Settings, back_branch: int | None = None) -> None:
         started = time.perf_counter()
 
         def progress(p: Progress) -> None:
@@ -610,11 +651,20 @@ class Session:
             return
         seconds = time.perf_counter() - started
         number = max((e.number for e in self.state.history), default=0) + 1
-        entry = Entry(number, settings, result, seconds, _thumbnail(result.images))
-        view = _view_of(self.state.view, entry, branch=min(1, len(result.images) - 1))
+        score, scored = None, ""
+        if back_branch is not None:
+            from ..study import cycle_score
+
+            score = cycle_score(result, back_branch)
+            scored = (
+                f"; cycle back to step {settings.first_row_branch - 1}: PSNR {score.psnr:.1f} dB, SSIM {score.ssim:.3f} "
+                f"(outside the edit {score.psnr_outside:.1f} dB, {score.ssim_outside:.3f})"
+            )
+        entry = Entry(number, settings, result, seconds, _thumbnail(result.images), cycle=score)
+        view = _view_of(self.state.view, entry, branch=min(settings.first_row_branch, len(result.images) - 1))
         self._replace(
             status="done",
-            message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'})",
+            message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'}){scored}",
             history=(*self.state.history, entry),
             view=view,
             preview=None,
@@ -649,6 +699,40 @@ class Session:
         view = _view_of(self.state.view, entry, branch=min(self.state.view.branch, len(entry.result.images) - 1))
         self._replace(settings=entry.settings, view=view, selected=None, error=None, message=f"restored run {number}")
         return entry
+
+    def continue_from(self, number: int | None = None, branch: int | None = None) -> Settings:
+        """Edit a result further: image ``branch`` of history run ``number`` (default: the
+        one shown) becomes the chain's head; one edit row starts with its prompt. The
+        chain (P0 -> P1 -> ... -> Pk) is re-run with every later edit, so each step stays
+        exactly what it was."""
+        entry = self._entry(number)
+        branch = self.state.view.branch if branch is None else branch
+        recipe = entry.result.recipe
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= len(recipe.targets):
+            raise ValueError(f"run {entry.number} has images 0..{len(recipe.targets)}, not {branch!r}")
+        path = []
+        while branch != 0:
+            path.append(branch)
+            branch = recipe.targets[branch - 1].parent
+        chain = tuple(dataclasses.replace(recipe.targets[b - 1], parent=i) for i, b in enumerate(reversed(path)))
+        settings = dataclasses.replace(entry.settings, chain=chain, edits=(EditRow(chain[-1].prompt if chain else recipe.prompt),))
+        self._replace(settings=settings, selected=None, error=None, message=f"editing step {len(chain)} of the chain further")
+        return settings
+
+    def breadcrumb(self) -> tuple[str, ...]:
+        """The chain's prompts: the source (step 0), then every step."""
+        settings = self.settings
+        return (settings.source, *(step.prompt for step in settings.chain))
+
+    def back_to(self, step: int) -> Settings:
+        """Go back to chain step ``step`` (0: the source) and edit from there."""
+        chain = self.settings.chain
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(chain):
+            raise ValueError(f"the chain has steps 0..{len(chain)}, not {step!r}")
+        kept = chain[:step]
+        settings = dataclasses.replace(self.settings, chain=kept, edits=(EditRow(kept[-1].prompt if kept else self.settings.source),))
+        self._replace(settings=settings, selected=None, error=None, message=f"back to step {step} of the chain")
+        return settings
 
     def export(self, folder: str | Path, number: int | None = None) -> list[Path]:
         """Write a run's PNGs (recipe embedded) and recipe JSON, atomically; default the

@@ -93,6 +93,15 @@ class PanelView:
         # -- run
         w["generate"] = widgets.Button(description="Generate", button_style="primary", icon="play")
         w["cancel"] = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
+        w["cycle"] = compat.tooltip(
+            widgets.Button(description="Cycle", icon="refresh"),
+            "generate, and also edit 1's result back to the prompt it edits; the status shows how close it returns",
+        )
+        w["continue"] = compat.tooltip(
+            widgets.Button(description="edit this result", icon="pencil", layout=widgets.Layout(width="auto")),
+            "continue the chain from the image shown: it becomes the prompt the edits start from",
+        )
+        w["crumbs"] = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         w["progress"] = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="300px"))
         w["status"] = widgets.HTML()
         w["preview"] = widgets.Image(format="png", layout=widgets.Layout(display="none", max_width="100%"))
@@ -136,16 +145,17 @@ class PanelView:
         self.root = widgets.VBox(
             [
                 w["source"],
+                w["crumbs"],
                 w["edits"],
                 w["add_edit"],
                 w["chips"],
                 widgets.HBox([w["word"]]),
                 widgets.HBox([w["weight"], w["preserve"], w["local"]]),
                 w["settings"],
-                widgets.HBox([w["generate"], w["cancel"], w["progress"], w["status"]]),
+                widgets.HBox([w["generate"], w["cycle"], w["cancel"], w["progress"], w["status"]]),
                 w["preview"],
                 w["images"],
-                widgets.HBox([w["branch"], w["mode"], w["overlay"], w["resolution"]]),
+                widgets.HBox([w["branch"], w["continue"], w["mode"], w["overlay"], w["resolution"]]),
                 widgets.HBox([w["all_steps"], w["step"], w["play"]]),
                 w["heatmaps"],
                 widgets.HTML("<b>history</b> (click a run to restore it)"),
@@ -156,6 +166,7 @@ class PanelView:
         )
         self._edit_rows: list[dict[str, widgets.Widget]] = []
         self._last_words: tuple | None = None
+        self._last_crumbs: tuple[str, ...] | None = None
         self._history_items: dict[int, widgets.Widget] = {}
         self._connect()
         session.observe(self._on_state)
@@ -202,6 +213,8 @@ class PanelView:
         self._on_value("preset", lambda name: s.apply_preset(name) if name else None)
         w["generate"].on_click(self._guard(lambda _: s.run()))
         w["cancel"].on_click(self._guard(lambda _: s.cancel()))
+        w["cycle"].on_click(self._guard(lambda _: s.run(cycle=True)))
+        w["continue"].on_click(self._guard(lambda _: s.continue_from()))
         self._on_value("branch", lambda value: s.show(branch=value))
         self._on_value("mode", lambda value: s.show(mode=value))
         self._on_value("overlay", lambda value: s.show(overlay=value))
@@ -289,6 +302,7 @@ class PanelView:
         self._set("threshold", settings.threshold)
         self._set("values", settings.values)
         self._set("preset", self.session.preset_name() or "")
+        self._draw_crumbs()
         if len(self._edit_rows) != len(settings.edits):
             self._build_edit_rows(len(settings.edits))
         for row, (edit, widgets_) in enumerate(zip(settings.edits, self._edit_rows), start=1):
@@ -365,9 +379,28 @@ class PanelView:
         self._set("preserve", choice.preserve)
         self._set("local", choice.local)
 
+    def _draw_crumbs(self) -> None:
+        """The chain as a breadcrumb: one button per step (click: go back there)."""
+        crumbs = self.session.breadcrumb()
+        if crumbs == self._last_crumbs:
+            return
+        self._last_crumbs = crumbs
+        if len(crumbs) == 1:
+            self.widgets["crumbs"].children = ()
+            return
+        items: list[widgets.Widget] = [widgets.HTML("<b>chain</b>")]
+        for step, prompt in enumerate(crumbs):
+            label = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+            button = compat.tooltip(widgets.Button(description=f"{step}: {label}", layout=widgets.Layout(width="auto")), prompt)
+            button.on_click(self._guard(lambda _, n=step: self.session.back_to(n)))
+            items += [widgets.HTML("&rsaquo;")] if step else []
+            items.append(button)
+        self.widgets["crumbs"].children = tuple(items)
+
     def _draw_status(self, state: State) -> None:
         w = self.widgets
         w["generate"].disabled = state.running
+        w["cycle"].disabled = state.running
         w["cancel"].disabled = not state.running
         w["progress"].max = max(1, state.steps)
         w["progress"].value = state.step if state.running or state.status != "done" else w["progress"].max
