@@ -283,8 +283,11 @@ def test_settings_round_trip_through_recipes():
     assert back == Settings(**{**settings.__dict__, "edits": (settings.edits[0], EditRow(SOURCE, "refine", settings.edits[1].words))})
     # what the panel cannot show is reported, not silently dropped
     chained = Recipe(SOURCE, (Target(EDIT), Target("a dog riding a horse", parent=1, cross={"default_": 0.5, "dog": 0.2})))
-    _, notes = Settings.from_recipe(chained)
-    assert any("parent" in n for n in notes) and any("per-word" in n for n in notes)
+    loaded, notes = Settings.from_recipe(chained)
+    assert loaded.chain == chained.targets[:1] and any("per-word" in n for n in notes)  # a chain loads as one
+    tree = Recipe(SOURCE, (Target(EDIT), Target("a dog riding a horse", parent=1), Target("a cow riding a bicycle")))
+    _, notes = Settings.from_recipe(tree)
+    assert any("its parent 1 is not shown" in n for n in notes)  # not a chain: said so
 
 
 @pytest.mark.parametrize(

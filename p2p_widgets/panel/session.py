@@ -201,7 +201,7 @@ class Settings:
         edits whose parent is the source)."""
         notes: list[str] = []
         targets = recipe.targets
-        k = next(  # a chain P1 .. Pk (each editing the one before), then edits of Pk
+        split = next(  # a chain P1 .. Pk (each editing the one before), then edits of Pk
             (
                 k
                 for k in range(len(targets) - 1, 0, -1)
@@ -209,7 +209,7 @@ class Settings:
             ),
             0,
         )
-        chain, targets = targets[:k], targets[k:]
+        chain, targets = targets[:split], targets[split:]
         first = targets[0] if targets else Target(recipe.prompt)
         rows = []
         for i, target in enumerate(targets, start=1):
@@ -237,7 +237,7 @@ class Settings:
                         words[k] = dataclasses.replace(words.get(k, WordChoice()), local=True)
                 if target.blend.parent_words is not None or target.blend.dilation != 1 or target.blend.start:
                     notes.append(f"edit {i}: the blend's parent words, dilation and start are not shown; defaults used")
-            if target.parent != k:
+            if target.parent != split:
                 notes.append(f"edit {i}: its parent {target.parent} is not shown; it edits the source here")
             if target.cross.words:
                 notes.append(f"edit {i}: per-word cross windows are not shown; one window used")
