@@ -98,7 +98,7 @@ class PanelView:
             "generate, and also edit 1's result back to the prompt it edits; the status shows how close it returns",
         )
         w["continue"] = compat.tooltip(
-            widgets.Button(description="edit this result", icon="pencil", layout=widgets.Layout(width="auto")),
+            widgets.Button(description="edit this result", icon="pencil", layout=widgets.Layout(width="190px")),
             "continue the chain from the image shown: it becomes the prompt the edits start from",
         )
         w["crumbs"] = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
