@@ -29,7 +29,7 @@ from .processors import LayerPlace, map_size
 from .prompts import Alignment, Prompt, align, tokenize
 from .record import AttentionRecord
 
-__all__ = ["Branch", "plan_branches", "Controller", "blend_factor", "MIN_MASK_SIDE"]
+__all__ = ["Branch", "plan_branches", "Controller", "blend_factor", "same_tokens", "MIN_MASK_SIDE"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class Controller:
         for index, branch in enumerate(self.branches[1:], start=1):
             target = branch.target
             mapping[index] = torch.from_numpy(branch.alignment.matrix)
-            same = torch.from_numpy(_same_tokens(self.branches[branch.parent].prompt, branch))
+            same = torch.from_numpy(same_tokens(self.branches[branch.parent].prompt, branch))
             beta[target.values.steps(self.steps), index] = target.value_beta * same
             windows = [target.cross.default] * length
             for word, window in target.cross.words:
@@ -429,7 +429,7 @@ def _rows(indices: list[int]) -> slice | list[int]:
     return indices
 
 
-def _same_tokens(parent: Prompt, branch: Branch) -> "np.ndarray":
+def same_tokens(parent: Prompt, branch: Branch) -> "np.ndarray":
     """(tokens,) float: 1 where the branch's token is its parent's token carried over
     unchanged (one parent token, weight 1, the same id: unchanged words, begin- and
     end-of-text, padding), 0 for swapped and new words."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .control import _same_tokens, plan_branches
+from .control import same_tokens, plan_branches
 from .edits import LocalBlend, Recipe, Target
 from .engine import Progress, Result, edit
 
@@ -174,7 +174,7 @@ def edited_mask(result: Result, branch: int, threshold: float = 0.3, dilation: i
     child = result.branches[branch]
     if child.alignment is None:
         raise ValueError("branch 0 is the source: it edits nothing; give a target's branch")
-    changed = np.flatnonzero(_same_tokens(result.branches[child.parent].prompt, child)[: child.prompt.length] == 0)
+    changed = np.flatnonzero(same_tokens(result.branches[child.parent].prompt, child)[: child.prompt.length] == 0)
     replaced = np.flatnonzero(child.alignment.matrix[:, changed].sum(1)[: result.branches[child.parent].prompt.length])
     maps = []
     for which, tokens in ((branch, changed), (child.parent, replaced)):
@@ -371,7 +371,6 @@ def sweep(
     backs = {}  # the way back of each point, made once (it tokenises)
     size = len(grid) if max_targets is None else max(1, max_targets // 2)
     passes = [list(range(i, min(i + size, len(grid)))) for i in range(0, len(grid), size)]
-    steps = int(settings.get("steps", 50))
     results: dict[int, tuple[Result, int]] = {}
     finished = 0
     while passes:
@@ -381,11 +380,10 @@ def sweep(
             if point not in backs:
                 backs[point] = _way_back(pipe, prompt, targets[point], 0)
             branches += [targets[point], replace(backs[point], parent=1 + 2 * j)]
-        total = (finished + 1 + len(passes)) * steps
-
-        def report(progress: Progress, offset: int = finished * steps, total: int = total) -> None:
-            if callback is not None:
-                callback(Progress(offset + progress.step, total, progress.timestep, progress.preview, "sweep"))
+        def report(progress: Progress, before: int = finished, passes_left: int = len(passes)) -> None:
+            if callback is not None:  # steps counted across the passes, the run's own step count per pass
+                step, total = before * progress.steps + progress.step, (before + 1 + passes_left) * progress.steps
+                callback(Progress(step, total, progress.timestep, progress.preview, "sweep"))
 
         try:
             result = edit(pipe, prompt, *branches, callback=report, cancel=cancel, **settings)

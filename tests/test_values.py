@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from p2p_widgets import Recipe, Target, edit
-from p2p_widgets.control import Controller, _same_tokens, plan_branches
+from p2p_widgets.control import Controller, same_tokens, plan_branches
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.evaluate import _find
 
@@ -18,11 +18,11 @@ RUN = dict(steps=4, seed=3)
 def test_only_unchanged_tokens_are_aligned_for_values(tokenizer):
     recipe = Recipe(SOURCE, (Target(SWAP), Target("a cat riding a red bicycle")))
     source, swap, refine = plan_branches(recipe, tokenizer)
-    same = _same_tokens(source.prompt, swap)
+    same = same_tokens(source.prompt, swap)
     dog = swap.prompt.token_indices("dog")
     assert same[list(dog)].sum() == 0
     assert same.sum() == swap.prompt.max_length - len(dog)  # everything else: words, <start>, <end>, padding
-    same = _same_tokens(source.prompt, refine)
+    same = same_tokens(source.prompt, refine)
     red = refine.prompt.token_indices("red")
     assert same[list(red)].sum() == 0 and same[refine.prompt.eos] == 1 and same[-1] == 1
 
