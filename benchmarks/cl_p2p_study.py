@@ -14,8 +14,10 @@ cases whose source image is right count. Figures, from pixels:
   blending, cross 0.2, self 0.8): ``edit_success`` (B shows exactly the edited prompt's
   objects) and ``background_psnr`` (B against A outside the edited object, found by colour
   in both, dilated by 2 px), with local blending on the edited object's words;
-* ``value_injection_edit_success``: edit success (default windows) with no value
-  injection, values over the first half of the steps, and over all of them.
+* ``value_injection``: for no value injection and for each value setting in
+  :data:`VALUE_SETTINGS` (a window ending at 0.5 .. 1.0 with beta 1, and all steps with
+  beta 0.25 .. 0.75), ``edit_success`` and ``background_psnr`` of B (default windows, no
+  blending): how long and how strongly values can be injected before the swap is undone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ EDITS = [  # (source words, which word changes, to what)
 ]
 
 
+VALUE_SETTINGS = {  # name: (window, beta)
+    "first_half": (0.5, 1.0),
+    "to_0.6": (0.6, 1.0),
+    "to_0.7": (0.7, 1.0),
+    "to_0.8": (0.8, 1.0),
+    "to_0.9": (0.9, 1.0),
+    "all_steps": (1.0, 1.0),
+    "all_steps_beta_0.75": (1.0, 0.75),
+    "all_steps_beta_0.5": (1.0, 0.5),
+    "all_steps_beta_0.25": (1.0, 0.25),
+}
+
+
 def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
@@ -61,6 +76,12 @@ def _outside_edit(source, target, colours: tuple[str, str]) -> np.ndarray:
     return ~_dilate(changed, 2)
 
 
+def _score(table: dict, source, edited_image, edited: str, colours: tuple[str, str]) -> None:
+    """Append edit success and the background PSNR outside the edited object to ``table``."""
+    table["success"].append(prompt_matches(edited_image, edited))
+    table["background"].append(_capped(psnr(source, edited_image, _outside_edit(source, edited_image, colours))))
+
+
 def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1)) -> dict:
     pipe = load_pipeline("shapes")
     edits = EDITS[:3] if quick else EDITS
@@ -74,11 +95,9 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
             "cycle_with",
             "two_run_without",
             "two_run_with",
-            "values_all_success",
-            "values_half_success",
-            "plain_success",
         )
     }
+    values = {name: {"success": [], "background": []} for name in ("none", *VALUE_SETTINGS)}
     presets = {name: {"success": [], "background": []} for name in ("literature", "optimised")}
     cases = 0
     started = time.perf_counter()
@@ -99,10 +118,11 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
                 Target(prompt, parent=1),  # A -> B -> A, no value injection
                 half,
                 Target(prompt, parent=3, values=0.5),  # A -> B -> A, values over the first half
-                Target(edited, values=1.0),
                 preset("literature").target(edited, blend=blend_words),
                 preset("optimised").target(edited, blend=blend_words),
             ]
+            value_rows = len(targets) + 1  # the first of the value settings' images
+            targets += [Target(edited, values=window, value_beta=beta) for window, beta in VALUE_SETTINGS.values()]
             result = edit(pipe, prompt, *targets, seed=seed, **run)
             a = result.images[0]
             if not prompt_matches(a, prompt):
@@ -110,13 +130,11 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
             cases += 1
             figures["cycle_without"].append(_capped(psnr(a, result.images[2])))
             figures["cycle_with"].append(_capped(psnr(a, result.images[4])))
-            figures["plain_success"].append(prompt_matches(result.images[1], edited))
-            figures["values_half_success"].append(prompt_matches(result.images[3], edited))
-            figures["values_all_success"].append(prompt_matches(result.images[5], edited))
-            for name, branch in (("literature", 6), ("optimised", 7)):
-                b = result.images[branch]
-                presets[name]["success"].append(prompt_matches(b, edited))
-                presets[name]["background"].append(_capped(psnr(a, b, _outside_edit(a, b, colours))))
+            for name, branch in (("literature", 5), ("optimised", 6)):
+                _score(presets[name], a, result.images[branch], edited, colours)
+            _score(values["none"], a, result.images[1], edited, colours)
+            for offset, name in enumerate(VALUE_SETTINGS):
+                _score(values[name], a, result.images[value_rows + offset], edited, colours)
             # the second run: B afresh from its prompt, edited back to A
             back = edit(pipe, edited, Target(prompt), Target(prompt, values=0.5), seed=seed, **run)
             figures["two_run_without"].append(_capped(psnr(a, back.images[1])))
@@ -130,10 +148,8 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
         "cycle_psnr_with_value_injection": mean(figures["cycle_with"]),
         "two_run_cycle_psnr_without_value_injection": mean(figures["two_run_without"]),
         "two_run_cycle_psnr_with_value_injection": mean(figures["two_run_with"]),
-        "value_injection_edit_success": {
-            "first_half": mean(figures["values_half_success"]),
-            "all_steps": mean(figures["values_all_success"]),
-            "none": mean(figures["plain_success"]),
+        "value_injection": {
+            name: {"edit_success": mean(v["success"]), "background_psnr": mean(v["background"])} for name, v in values.items()
         },
         "presets": {
             name: {"edit_success": mean(p["success"]), "background_psnr": mean(p["background"])} for name, p in presets.items()

@@ -15,7 +15,12 @@ A run has one *source* prompt and any number of *targets*. Each target names its
 * ``values``: the value-injection window (CL P2P): inside it, the cross-attention values
   of the tokens aligned with the parent's (unchanged words, begin- and end-of-text,
   padding) become ``(1 - value_beta) * V_target + value_beta * V_parent``; swapped and new
-  words keep their own values, so the edit itself is never undone. None by default;
+  words keep their own values. It keeps the rest of the image closer to the parent, but
+  the edit is not carried by its own words alone: a causal text encoder writes the new
+  word into every later token, and those are aligned, so a long or strong injection pulls
+  the edit back (on the shapes model a swap survives values over the first half of the
+  steps, or over all of them at ``value_beta`` 0.25, but not over all at 1;
+  ``benchmarks/cl_p2p_study.py``). None by default;
 * ``preserve``: inject only these words' maps (object preservation, paper fig. 5);
 * ``blend``: a :class:`LocalBlend`, to confine the change to the regions of some words.
 

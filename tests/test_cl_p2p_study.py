@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from cl_p2p_study import study  # noqa: E402
+from cl_p2p_study import VALUE_SETTINGS, study  # noqa: E402
 
 
 def test_the_quick_study_reports_every_figure():
@@ -24,4 +24,12 @@ def test_the_quick_study_reports_every_figure():
     for preset in ("literature", "optimised"):
         assert 0 <= figures["presets"][preset]["edit_success"] <= 1
         assert figures["presets"][preset]["background_psnr"] > 20
-    assert set(figures["value_injection_edit_success"]) == {"none", "first_half", "all_steps"}
+    table = figures["value_injection"]
+    assert set(table) == {"none", *VALUE_SETTINGS}
+    for name, row in table.items():
+        assert 0 <= row["edit_success"] <= 1 and row["background_psnr"] > 20, name
+    # on this model: values over the first half keep every swap, over all steps at beta 1 none
+    assert table["first_half"]["edit_success"] == table["none"]["edit_success"] == 1
+    assert table["all_steps"]["edit_success"] < table["first_half"]["edit_success"]
+    # and what values buy: the rest of the image stays closer to the source
+    assert table["first_half"]["background_psnr"] > table["none"]["background_psnr"]

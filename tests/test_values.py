@@ -73,16 +73,19 @@ def test_swapped_tokens_keep_their_own_values(sd1, tokenizer):
     assert torch.allclose(mixed[1][:, others], expected, atol=1e-6)
 
 
-def test_on_the_shapes_model_a_swap_survives_value_injection_early_on(shapes):
-    """Value injection over the first half of the steps keeps a colour swap. (Over all the
-    steps it undoes it on this model: the causal text encoder writes the new word into every
-    later token, end-of-text and padding included, which take about half of an object's
-    attention here, and those aligned tokens get the source's values.)"""
+def test_on_the_shapes_model_a_swap_survives_value_injection(shapes):
+    """The swapped word keeps its own values, so a colour swap survives value injection over
+    the first half of the steps, and over all of them at a parent's share of 0.25. (At
+    beta 1 over all steps it is undone on this model, in 12 of 12 benchmark cases: the causal
+    text encoder writes the new word into every later token, which are aligned and get the
+    parent's values; benchmarks/cl_p2p_study.py measures the whole window x beta table.)"""
     source = "a big red circle on a gray background"
-    result = edit(shapes, source, Target(source.replace("red", "blue"), values=0.5), steps=20, seed=0)
-    target = np.asarray(result.images[1].convert("RGB"))
+    swap = source.replace("red", "blue")
+    result = edit(shapes, source, Target(swap, values=0.5), Target(swap, values=1.0, value_beta=0.25), steps=20, seed=0)
     assert _find(np.asarray(result.images[0].convert("RGB")), "red") is not None
-    assert _find(target, "blue") is not None and _find(target, "red") is None
+    for image in result.images[1:]:
+        target = np.asarray(image.convert("RGB"))
+        assert _find(target, "blue") is not None and _find(target, "red") is None
 
 
 def test_values_in_the_recipe_and_bad_values():

@@ -86,7 +86,8 @@ class PanelView:
         )
         w["values"] = compat.tooltip(
             widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="value inject", style=_WIDE, continuous_update=False),
-            "CL P2P value injection: unchanged words take the source's attention values in these steps",
+            "CL P2P value injection: unchanged words take the source's attention values in these steps; "
+            "keeps the rest closer to the source, but past about half the steps it can undo the edit",
         )
         presets = [("custom", ""), ("literature: k 0.3, cross 0.8, self 0.2", "literature"), ("optimised (CL P2P): k 0, cross 0.2, self 0.8", "optimised")]
         w["preset"] = widgets.Dropdown(options=presets, value="", description="preset", style=_WIDE)
