@@ -31,7 +31,7 @@ import numpy as np
 from p2p_widgets import Target, edit
 from p2p_widgets.models import load_pipeline
 from p2p_widgets.shapes.data import parse_caption
-from p2p_widgets.shapes.evaluate import _dilate, _find, prompt_matches
+from p2p_widgets.shapes.evaluate import dilate, find_object, prompt_matches
 from p2p_widgets.study import preset, psnr
 
 SCENE = "a big {0} {1} and a small {2} {3} on a {4} background"
@@ -70,10 +70,10 @@ def _outside_edit(source, target, colours: tuple[str, str]) -> np.ndarray:
     """Pixels outside the edited object in both images (found by its colour before and after)."""
     changed = np.zeros(_pixels(source).shape[:2], dtype=bool)
     for image, colour in zip((source, target), colours):
-        mask = _find(_pixels(image), colour)
+        mask = find_object(_pixels(image), colour)
         if mask is not None:
             changed |= mask
-    return ~_dilate(changed, 2)
+    return ~dilate(changed, 2)
 
 
 def _score(table: dict, source, edited_image, edited: str, colours: tuple[str, str]) -> None:

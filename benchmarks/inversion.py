@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -34,11 +33,7 @@ from edit_overhead import PeakMemory, sd15_pipeline  # noqa: E402
 
 from p2p_widgets import inversion  # noqa: E402
 from p2p_widgets.inversion import METHODS, invert  # noqa: E402
-
-
-def psnr(a, b) -> float:
-    error = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
-    return float("inf") if error == 0 else 10 * math.log10(255.0**2 / error)
+from p2p_widgets.study import psnr  # noqa: E402
 
 
 def shapes_cases(count: int):

@@ -15,7 +15,7 @@ import torch
 from p2p_widgets import Cancelled, LocalBlend, Target, edit
 from p2p_widgets.inversion import METHODS, Inversion, _epsilon, invert, restore_outside
 from p2p_widgets.shapes import ObjectWords, SceneWords, caption, centroid, classify_shape, place, render
-from p2p_widgets.shapes.evaluate import _dilate, _find
+from p2p_widgets.shapes.evaluate import dilate, find_object
 from p2p_widgets.testing import tiny_pipeline
 
 from conftest import processors_of
@@ -258,11 +258,11 @@ def test_an_inverted_image_is_edited_in_one_object_only(shapes, two_objects, met
     inverted = invert(shapes, image, caption(TWO), method, steps=25, guidance=7.5)
     result = inverted.edit(shapes, Target(caption(edited), blend=LocalBlend(("green", "square"), threshold=0.7)))
     target = np.asarray(result.images[1])
-    square = _find(target, "green")
+    square = find_object(target, "green")
     assert square is not None and classify_shape(square) == "square"
     assert np.hypot(*np.subtract(centroid(square), centroid(two_objects.masks[1]))) <= 3
-    assert _find(target, "blue") is None
-    keep = ~_dilate(two_objects.masks[1] | square, 2)
+    assert find_object(target, "blue") is None
+    keep = ~dilate(two_objects.masks[1] | square, 2)
     assert psnr(target, image, keep) >= 25
 
 

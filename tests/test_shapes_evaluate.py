@@ -1,21 +1,22 @@
 """The evaluation's measurements, checked on rendered scenes whose truth is known."""
 
 import numpy as np
+import pytest
 
 from p2p_widgets.shapes import ObjectWords, SceneWords, caption, place, render
 from p2p_widgets.shapes.data import COLOR_RGB
 from p2p_widgets.shapes.evaluate import (
     _correct,
-    _dilate,
-    _find,
+    dilate,
+    find_object,
     _iou,
-    _psnr,
     _rises,
-    _saturation,
+    saturation,
     _threshold,
     _upsample,
     _word_indices,
 )
+from p2p_widgets.study import psnr
 
 SCENE = SceneWords(
     (ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black"
@@ -49,16 +50,27 @@ def test_wrong_colour_shape_or_count_is_not_correct():
     one_object = SceneWords(SCENE.objects[:1], "black")
     for words in (wrong_shape, wrong_color, one_object):
         assert _correct(scene.image, words) is None
-    assert _find(scene.image, "green") is None
+    assert find_object(scene.image, "green") is None
+
+
+def test_find_object_takes_a_picture_or_pixels_and_refuses_an_unknown_colour():
+    from PIL import Image
+
+    scene = rendered()
+    found = find_object(Image.fromarray(scene.image), "blue")
+    assert found is not None and _iou(found, scene.masks[1]) > 0.9
+    assert np.array_equal(found, find_object(scene.image, "blue"))
+    with pytest.raises(ValueError, match="'mauve' is not a shapes colour; use one of red"):
+        find_object(scene.image, "mauve")
 
 
 def test_psnr_outside_a_mask_ignores_what_changed_inside():
     scene = rendered()
     changed = scene.image.copy()
     changed[scene.masks[1]] = (0, 255, 0)
-    outside = ~_dilate(scene.masks[1], 2)
-    assert _psnr(scene.image, changed, outside) == float("inf")
-    assert _psnr(scene.image, changed, np.ones_like(outside)) < 20
+    outside = ~dilate(scene.masks[1], 2)
+    assert psnr(scene.image, changed, outside) == float("inf")
+    assert psnr(scene.image, changed, np.ones_like(outside)) < 20
 
 
 def test_heatmaps_upsample_to_the_image():
@@ -80,13 +92,13 @@ def test_heatmap_threshold_with_and_without_the_floor():
 def test_saturation_is_measured_inside_the_mask_and_follows_a_paler_colour():
     scene = rendered()
     red = scene.masks[0]
-    full = _saturation(scene.image, red)
+    full = saturation(scene.image, red)
     r, g, b = COLOR_RGB["red"]
     assert abs(full - (max(r, g, b) - min(r, g, b))) <= 40  # stripes darken part of the object
     paler = scene.image.astype(np.float64)
     paler[red] = 0.5 * paler[red] + 0.5 * 128  # halfway to gray
-    assert _saturation(paler.astype(np.uint8), red) < 0.6 * full
-    assert _saturation(scene.image, scene.masks[1]) > 150  # the blue square, not the red circle's
+    assert saturation(paler.astype(np.uint8), red) < 0.6 * full
+    assert saturation(scene.image, scene.masks[1]) > 150  # the blue square, not the red circle's
 
 
 def test_a_sweep_rises_only_if_it_never_falls_and_ends_higher():

@@ -8,7 +8,7 @@ import torch
 from p2p_widgets import Recipe, Target, edit
 from p2p_widgets.control import Controller, same_tokens, plan_branches
 from p2p_widgets.processors import find_places
-from p2p_widgets.shapes.evaluate import _find
+from p2p_widgets.shapes.evaluate import find_object
 
 SOURCE = "a cat riding a bicycle"
 SWAP = "a dog riding a bicycle"
@@ -82,10 +82,10 @@ def test_on_the_shapes_model_a_swap_survives_value_injection(shapes):
     source = "a big red circle on a gray background"
     swap = source.replace("red", "blue")
     result = edit(shapes, source, Target(swap, values=0.5), Target(swap, values=1.0, value_beta=0.25), steps=20, seed=0)
-    assert _find(np.asarray(result.images[0].convert("RGB")), "red") is not None
+    assert find_object(np.asarray(result.images[0].convert("RGB")), "red") is not None
     for image in result.images[1:]:
         target = np.asarray(image.convert("RGB"))
-        assert _find(target, "blue") is not None and _find(target, "red") is None
+        assert find_object(target, "blue") is not None and find_object(target, "red") is None
 
 
 def test_values_in_the_recipe_and_bad_values():

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import LocalBlend, Target, edit
+from ..study import psnr
 from .data import (
     COLORS,
     SHAPES,
@@ -60,7 +61,7 @@ from .data import (
     sample_words,
 )
 
-__all__ = ["EvalSettings", "evaluate", "prompt_matches", "main"]
+__all__ = ["EvalSettings", "evaluate", "prompt_matches", "find_object", "saturation", "dilate", "main"]
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class EvalSettings:
         return cls(prompts=40, swaps=24, blends=16, sweeps=8, steps=20)
 
 
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
+def _pixels(image: Any) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
 
 
 def _objects(image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
@@ -95,9 +96,12 @@ def _objects(image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
     return by_color, len(masks)
 
 
-def _find(image: np.ndarray, color: str) -> np.ndarray | None:
-    """The largest object of ``color`` in the image, or None."""
-    return _objects(image)[0].get(color)
+def find_object(image: Any, color: str) -> np.ndarray | None:
+    """The (height, width) mask of the largest object of ``color`` (a shapes colour word)
+    in an image (PIL or RGB array), or None if there is none."""
+    if color not in COLORS:
+        raise ValueError(f"{color!r} is not a shapes colour; use one of {', '.join(COLORS)}")
+    return _objects(_pixels(image))[0].get(color)
 
 
 def prompt_matches(image: Any, text: str) -> bool:
@@ -147,7 +151,8 @@ def _threshold(heat: np.ndarray, floor: bool, level: float = 0.5) -> np.ndarray:
     return (heat - low) >= level * max(float(heat.max()) - low, 1e-12)
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A boolean mask grown by ``radius`` pixels (4-connected steps)."""
     out = mask.copy()
     for _ in range(radius):
         grown = out.copy()
@@ -159,14 +164,10 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    error = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[where].mean()
-    return float("inf") if error == 0 else 10 * math.log10(255.0**2 / error)
-
-
-def _saturation(image: np.ndarray, mask: np.ndarray) -> float:
-    """Median chroma (largest minus smallest channel, 0..255) of the pixels under ``mask``."""
-    pixels = image[mask].astype(np.int16)
+def saturation(image: Any, mask: np.ndarray) -> float:
+    """Median chroma (largest minus smallest channel, 0..255) of the pixels of an image
+    (PIL or RGB array) under ``mask``."""
+    pixels = _pixels(image)[mask].astype(np.int16)
     return float(np.median(pixels.max(axis=-1) - pixels.min(axis=-1)))
 
 
@@ -223,7 +224,7 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
             result = edit(pipe, caption(words), Target(caption(edited), **window), seed=10_000 + i, **run)
             source, target = _pixels(result.images[0]), _pixels(result.images[1])
             before = _correct(source, words)
-            after = _find(target, new.color)
+            after = find_object(target, new.color)
             if before is None:
                 outcomes = None
                 break
@@ -237,7 +238,7 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
             kept[injected] += ok
 
     # 3. Local blending: recolour the second of two objects; compare outside it.
-    psnr = {True: [], False: []}
+    background = {True: [], False: []}
     for i in range(settings.blends):
         words = sample_words(rng, two_objects_p=1.0)
         first, second = words.objects
@@ -252,10 +253,12 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
             if masks is None:
                 break
             changed = masks[1].copy()
-            recoloured = _find(target, color)
+            recoloured = find_object(target, color)
             if recoloured is not None:
                 changed |= recoloured
-            psnr[blended].append(_psnr(source, target, ~_dilate(changed, 2)))
+            outside = ~dilate(changed, 2)
+            if outside.any():
+                background[blended].append(psnr(source, target, outside))
 
     # 4. Re-weighting sweeps. The paper's re-weighting turns up or down an *amount* of
     # what a word says (how fluffy, how snowy) inside a layout that injection keeps; here
@@ -273,19 +276,19 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         targets = [Target(text, reweight={index[kind]: w}) for kind in ("color", "size") for w in settings.weights]
         result = edit(pipe, text, *targets, seed=30_000 + i, **run)
         pixels = _pixels(result.images[0])
-        source = _find(pixels, obj.color)
+        source = find_object(pixels, obj.color)
         if source is None:
             continue
         sweeps += 1
         n = len(settings.weights)
-        saturation = [_saturation(_pixels(image), source) for image in result.images[1 : 1 + n]]
+        saturations = [saturation(_pixels(image), source) for image in result.images[1 : 1 + n]]
         areas = []
         for image in result.images[1 + n :]:
-            mask = _find(_pixels(image), obj.color)
+            mask = find_object(_pixels(image), obj.color)
             areas.append(0 if mask is None else int(mask.sum()))
-        rising["color"] += _rises(saturation)
+        rising["color"] += _rises(saturations)
         rising["size"] += _rises(areas if obj.size == "big" else [-a for a in areas])
-        saturation_change.append((saturation[-1] - saturation[0]) / max(_saturation(pixels, source), 1.0))
+        saturation_change.append((saturations[-1] - saturations[0]) / max(saturation(pixels, source), 1.0))
 
     def fraction(count: int, total: int) -> float | None:
         return round(count / total, 4) if total else None
@@ -300,12 +303,12 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         "attention_iou_max_normalised": mean(ious_max),
         "swap_layout_kept": fraction(kept[True], swaps),
         "swap_layout_kept_without_injection": fraction(kept[False], swaps),
-        "local_blend_background_psnr": mean(psnr[True]),
-        "local_blend_background_psnr_without_blend": mean(psnr[False]),
+        "local_blend_background_psnr": mean(background[True]),
+        "local_blend_background_psnr_without_blend": mean(background[False]),
         "reweight_monotonic": fraction(rising["color"], sweeps),
         "reweight_saturation_change": None if not saturation_change else round(float(np.mean(saturation_change)), 4),
         "reweight_size_monotonic": fraction(rising["size"], sweeps),
-        "counts": {"prompts": settings.prompts, "swaps": swaps, "blends": len(psnr[True]), "sweeps": sweeps},
+        "counts": {"prompts": settings.prompts, "swaps": swaps, "blends": len(background[True]), "sweeps": sweeps},
         "settings": {
             "steps": settings.steps,
             "guidance": settings.guidance,
