@@ -70,7 +70,7 @@ def _outside_edit(source, target, colours: tuple[str, str]) -> np.ndarray:
     """Pixels outside the edited object in both images (found by its colour before and after)."""
     changed = np.zeros(_pixels(source).shape[:2], dtype=bool)
     for image, colour in zip((source, target), colours):
-        mask = find_object(_pixels(image), colour)
+        mask = find_object(image, colour)
         if mask is not None:
             changed |= mask
     return ~dilate(changed, 2)
@@ -99,6 +99,8 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
     }
     values = {name: {"success": [], "background": []} for name in ("none", *VALUE_SETTINGS)}
     presets = {name: {"success": [], "background": []} for name in ("literature", "optimised")}
+    values_from = 5  # the branch of the first value setting's B
+    half = values_from + list(VALUE_SETTINGS).index("first_half")
     cases = 0
     started = time.perf_counter()
     for words, index, new in edits:
@@ -111,30 +113,26 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
         blend_words = (edited_words[index],) if index in (0, 2) else (edited_words[colour_of], new)
         parse_caption(edited)  # the edit is a caption of the grammar
         for seed in seeds:
-            plain = Target(edited)
-            half = Target(edited, values=0.5)
             targets = [
-                plain,
+                Target(edited),
                 Target(prompt, parent=1),  # A -> B -> A, no value injection
-                half,
-                Target(prompt, parent=3, values=0.5),  # A -> B -> A, values over the first half
                 preset("literature").target(edited, blend=blend_words),
                 preset("optimised").target(edited, blend=blend_words),
+                *(Target(edited, values=window, value_beta=beta) for window, beta in VALUE_SETTINGS.values()),
+                Target(prompt, parent=half, values=0.5),  # A -> B -> A, values over the first half
             ]
-            value_rows = len(targets) + 1  # the first of the value settings' images
-            targets += [Target(edited, values=window, value_beta=beta) for window, beta in VALUE_SETTINGS.values()]
             result = edit(pipe, prompt, *targets, seed=seed, **run)
             a = result.images[0]
             if not prompt_matches(a, prompt):
                 continue
             cases += 1
             figures["cycle_without"].append(_capped(psnr(a, result.images[2])))
-            figures["cycle_with"].append(_capped(psnr(a, result.images[4])))
-            for name, branch in (("literature", 5), ("optimised", 6)):
+            figures["cycle_with"].append(_capped(psnr(a, result.images[-1])))
+            for name, branch in (("literature", 3), ("optimised", 4)):
                 _score(presets[name], a, result.images[branch], edited, colours)
             _score(values["none"], a, result.images[1], edited, colours)
             for offset, name in enumerate(VALUE_SETTINGS):
-                _score(values[name], a, result.images[value_rows + offset], edited, colours)
+                _score(values[name], a, result.images[values_from + offset], edited, colours)
             # the second run: B afresh from its prompt, edited back to A
             back = edit(pipe, edited, Target(prompt), Target(prompt, values=0.5), seed=seed, **run)
             figures["two_run_without"].append(_capped(psnr(a, back.images[1])))
