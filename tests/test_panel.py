@@ -275,8 +275,11 @@ def test_settings_round_trip_through_recipes():
         cross=(0.1, 0.7),
         self_attn=(0.0, 0.3),
         threshold=0.4,
+        values=(0.0, 1.0),
+        value_beta=0.25,
     )
     recipe = settings.recipe()
+    assert recipe.targets[0].values == Window(0.0, 1.0) and recipe.targets[0].value_beta == 0.25
     assert recipe.targets[1].prompt == SOURCE  # an empty edited prompt re-weights the source
     back, notes = Settings.from_recipe(recipe)
     assert notes == ()
@@ -285,6 +288,9 @@ def test_settings_round_trip_through_recipes():
     chained = Recipe(SOURCE, (Target(EDIT), Target("a dog riding a horse", parent=1, cross={"default_": 0.5, "dog": 0.2})))
     loaded, notes = Settings.from_recipe(chained)
     assert loaded.chain == chained.targets[:1] and any("per-word" in n for n in notes)  # a chain loads as one
+    mixed = Recipe(SOURCE, (Target(EDIT, values=1.0, value_beta=0.25), Target("a cow riding a bicycle", values=1.0)))
+    loaded, notes = Settings.from_recipe(mixed)
+    assert loaded.value_beta == 0.25 and any("value beta differ" in n for n in notes)
     tree = Recipe(SOURCE, (Target(EDIT), Target("a dog riding a horse", parent=1), Target("a cow riding a bicycle")))
     _, notes = Settings.from_recipe(tree)
     assert any("its parent 1 is not shown" in n for n in notes)  # not a chain: said so
@@ -296,6 +302,7 @@ def test_settings_round_trip_through_recipes():
         (lambda s: s.update(steps=0), "steps must be at least 1"),
         (lambda s: s.update(cross=(0.9, 0.2)), "start"),
         (lambda s: s.update(threshold=1.5), "threshold"),
+        (lambda s: s.update(value_beta=1.5), "value_beta is the parent's share"),
         (lambda s: s.update(guidance=float("nan")), "guidance must be a finite number"),
         (lambda s: s.update(size=(0, 32)), "size is (height, width)"),
         (lambda s: s.update(colour="red"), "unknown setting"),
@@ -404,15 +411,18 @@ def test_the_cl_p2p_presets_and_value_injection_in_the_panel(panel, sd1):
     s.choose(1, "dog", local=True)
     assert s.settings.target(1).blend is None  # k 0: no blending, as the report means it
     w["values"].value = (0.0, 0.5)
+    w["value_beta"].value = 0.25
     w["preset"].value = "literature"
     target = s.settings.target(1)
     assert target.blend == LocalBlend((1,), threshold=0.3) and target.values == Window(0.0, 0.5)  # word 1: "dog"
+    assert target.value_beta == 0.25
     w["cross"].value = (0.0, 0.6)
     assert w["preset"].value == ""  # moved off the preset: custom
     assert not s.apply_preset("best") and "no preset named 'best'" in s.state.error
     state = _click_and_wait(panel)
     assert state.status == "done", state.message
     assert state.entry.result.recipe.targets[0].values == Window(0.0, 0.5)
+    assert state.entry.result.recipe.targets[0].value_beta == 0.25
     assert torch.equal(state.entry.result.latents, run(sd1, s.settings.recipe()).latents)
 
 

@@ -113,8 +113,9 @@ class EditRow:
 class Settings:
     """Everything the panel's inputs hold. ``size`` is (height, width) or None for the
     model's default; ``cross``, ``self_attn`` and ``values`` (value injection, CL P2P) are
-    (start, end) fractions of the steps; ``threshold`` is the local-blend threshold k
-    (0: no blending, as in the CL P2P report's optimised preset)."""
+    (start, end) fractions of the steps; ``value_beta`` is the parent's share of the
+    injected values; ``threshold`` is the local-blend threshold k (0: no blending, as in
+    the CL P2P report's optimised preset)."""
 
     source: str = ""
     edits: tuple[EditRow, ...] = (EditRow(),)
@@ -126,6 +127,7 @@ class Settings:
     self_attn: tuple[float, float] = (0.0, 0.4)
     threshold: float = 0.3
     values: tuple[float, float] = (0.0, 0.0)
+    value_beta: float = 1.0
     chain: tuple[Target, ...] = ()  # conversational editing: P1 .. Pk, each editing the one before
 
     def __post_init__(self) -> None:
@@ -150,6 +152,7 @@ class Settings:
         object.__setattr__(self, "chain", chain)
         if self.threshold != 0:  # 0: no blending
             LocalBlend(("x",), threshold=self.threshold)  # validates the threshold
+        object.__setattr__(self, "value_beta", Target("x", value_beta=self.value_beta).value_beta)  # validates
 
     def target(self, row: int) -> Target:
         """The :class:`Target` of edit row ``row`` (1-based, as branches are)."""
@@ -167,6 +170,7 @@ class Settings:
             preserve=preserve,
             blend=LocalBlend(local, threshold=self.threshold) if local and self.threshold > 0 else None,
             values=Window(*self.values),
+            value_beta=self.value_beta,
         )
 
     @property
@@ -243,8 +247,10 @@ class Settings:
                 notes.append(f"edit {i}: per-word cross windows are not shown; one window used")
             if target.reweight_window is not None:
                 notes.append(f"edit {i}: the separate re-weight window is not shown; the cross window used")
-            if (target.cross.default, target.self_attn, target.values) != (first.cross.default, first.self_attn, first.values):
-                notes.append(f"edit {i}: its windows differ from edit 1's; the panel uses edit 1's for all")
+            if (target.cross.default, target.self_attn, target.values, target.value_beta) != (
+                first.cross.default, first.self_attn, first.values, first.value_beta
+            ):
+                notes.append(f"edit {i}: its windows or value beta differ from edit 1's; the panel uses edit 1's for all")
             rows.append(EditRow(target.prompt, target.kind, tuple(sorted(words.items()))))
         blends = [t.blend.threshold for t in targets if t.blend is not None]
         if len(set(blends)) > 1:
@@ -261,6 +267,7 @@ class Settings:
             self_attn=(first.self_attn.start, first.self_attn.end),
             threshold=blends[0] if blends else 0.3,
             values=(first.values.start, first.values.end),
+            value_beta=first.value_beta,
             chain=chain,
         )
         return settings, tuple(notes)
@@ -408,7 +415,7 @@ class Session:
     # -- settings ---------------------------------------------------------------------
     def update(self, **changes: Any) -> bool:
         """Change settings fields (seed, steps, guidance, size, cross, self_attn, values,
-        threshold, source). Returns False and sets ``state.error`` on bad values, leaving
+        value_beta, threshold, source). Returns False and sets ``state.error`` on bad values, leaving
         the settings as they were."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
         if unknown:

@@ -89,6 +89,11 @@ class PanelView:
             "CL P2P value injection: unchanged words take the source's attention values in these steps; "
             "keeps the rest closer to the source, but past about half the steps it can undo the edit",
         )
+        w["value_beta"] = compat.tooltip(
+            widgets.FloatSlider(min=0.0, max=1.0, step=0.05, description="value beta", style=_WIDE, continuous_update=False),
+            "the source's share of the injected values: (1 - beta) V + beta V_source; "
+            "a low share can run over all the steps and keep the edit",
+        )
         presets = [("custom", ""), ("literature: k 0.3, cross 0.8, self 0.2", "literature"), ("optimised (CL P2P): k 0, cross 0.2, self 0.8", "optimised")]
         w["preset"] = widgets.Dropdown(options=presets, value="", description="preset", style=_WIDE)
         # -- run
@@ -139,6 +144,7 @@ class PanelView:
                 w["self_attn"],
                 w["threshold"],
                 w["values"],
+                w["value_beta"],
             ]
         )
         w["settings"] = widgets.Accordion(children=[settings_box])
@@ -211,6 +217,7 @@ class PanelView:
         self._on_value("self_attn", lambda value: s.update(self_attn=tuple(value)))
         self._on_value("threshold", lambda value: s.update(threshold=float(value)))
         self._on_value("values", lambda value: s.update(values=tuple(value)))
+        self._on_value("value_beta", lambda value: s.update(value_beta=float(value)))
         self._on_value("preset", lambda name: s.apply_preset(name) if name else None)
         w["generate"].on_click(self._guard(lambda _: s.run()))
         w["cancel"].on_click(self._guard(lambda _: s.cancel()))
@@ -302,6 +309,7 @@ class PanelView:
         self._set("self_attn", settings.self_attn)
         self._set("threshold", settings.threshold)
         self._set("values", settings.values)
+        self._set("value_beta", settings.value_beta)
         self._set("preset", self.session.preset_name() or "")
         self._draw_crumbs()
         if len(self._edit_rows) != len(settings.edits):
