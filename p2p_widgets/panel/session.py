@@ -415,8 +415,8 @@ class Session:
     # -- settings ---------------------------------------------------------------------
     def update(self, **changes: Any) -> bool:
         """Change settings fields (seed, steps, guidance, size, cross, self_attn, values,
-        value_beta, threshold, source). Returns False and sets ``state.error`` on bad values, leaving
-        the settings as they were."""
+        value_beta, threshold, source). Returns False and sets ``state.error`` on bad
+        values, leaving the settings as they were."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
         if unknown:
             self.report(f"unknown setting(s) {', '.join(unknown)}; settings: "
