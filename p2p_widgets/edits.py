@@ -44,7 +44,13 @@ __all__ = [
     "Recipe",
     "WindowLike",
     "CrossWindowLike",
+    "check_seed_and_steps",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "MAX_DILATION",
 ]
+
+MAX_DILATION = 32  # local-blend dilation radius, in cells of the mask's map (1 in the paper)
 
 WindowLike = Union["Window", float, int, tuple, list]
 CrossWindowLike = Union["CrossWindow", WindowLike, Mapping[str, WindowLike]]
@@ -84,6 +90,14 @@ class Window:
                 raise ValueError(f"a window is (start, end), not {tuple(value)!r}")
             return cls(value[0], value[1])
         if isinstance(value, Mapping):
+            missing = sorted({"start", "end"} - set(value))
+            extra = sorted(map(str, set(value) - {"start", "end"}))
+            if missing or extra:
+                problem = f"missing {', '.join(missing)}" if missing else f"unknown key(s) {', '.join(extra)}"
+                raise ValueError(
+                    f"a window is a fraction f, [start, end] or {{\"start\": s, \"end\": e}}; "
+                    f"{dict(value)!r} has {problem}"
+                )
             return cls(value["start"], value["end"])
         return cls(0.0, _fraction(value, "a window"))
 
@@ -110,17 +124,27 @@ class CrossWindow:
     def __post_init__(self) -> None:
         object.__setattr__(self, "default", Window.parse(self.default))
         words = self.words.items() if isinstance(self.words, Mapping) else self.words
+        if not isinstance(words, (tuple, list)) and not isinstance(self.words, Mapping):
+            raise TypeError(f"per-word windows are (word, window) pairs, not {self.words!r}")
         parsed = []
-        for word, window in words:
-            if not isinstance(word, (str, int)) or isinstance(word, bool) or word == "":
-                raise ValueError(f"a per-word window needs a word, not {word!r}")
-            parsed.append((word, Window.parse(window)))
+        for pair in words:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"a per-word window is a (word, window) pair, not {pair!r}")
+            parsed.append((_word(pair[0], "a per-word window"), Window.parse(pair[1])))
+        _unique([w for w, _ in parsed], "per-word windows")
         object.__setattr__(self, "words", tuple(parsed))
 
     @classmethod
     def parse(cls, value: CrossWindowLike) -> CrossWindow:
+        """From a CrossWindow, a window (fraction, pair), ``{"default_": w, word: w, ...}``
+        (word keys: text, or int word indices in Python) or the JSON form of :meth:`to_json`."""
         if isinstance(value, CrossWindow):
             return value
+        if isinstance(value, Mapping) and set(value) == {"default", "words"}:
+            words = value["words"]
+            if not isinstance(words, (list, tuple)):
+                raise ValueError(f'"words" of a cross window is a list of [word, window] pairs, not {words!r}')
+            return cls(Window.parse(value["default"]), tuple(words))
         if isinstance(value, Mapping) and not {"start", "end"} >= set(value):
             value = dict(value)
             default = value.pop("default_", 1.0)
@@ -128,9 +152,11 @@ class CrossWindow:
         return cls(Window.parse(value))
 
     def to_json(self) -> Any:
+        """``[start, end]``, or with per-word windows ``{"default": [s, e], "words": [[word, [s, e]], ...]}``
+        (a list, not an object: JSON keys are text, and a word index must stay a number)."""
         if not self.words:
             return self.default.to_json()
-        return {"default_": self.default.to_json(), **{str(w): win.to_json() for w, win in self.words}}
+        return {"default": self.default.to_json(), "words": [[w, win.to_json()] for w, win in self.words]}
 
 
 @dataclass(frozen=True)
@@ -167,8 +193,11 @@ class LocalBlend:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"the blend threshold must be between 0 and 1 (exclusive), not {self.threshold}")
         object.__setattr__(self, "threshold", float(self.threshold))
-        if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation < 0:
-            raise ValueError(f"the blend dilation is a max-pool radius (0, 1, 2, ...), not {self.dilation!r}")
+        if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or not 0 <= self.dilation <= MAX_DILATION:
+            raise ValueError(
+                f"the blend dilation is a max-pool radius in cells from 0 to {MAX_DILATION} (1 in the paper), "
+                f"not {self.dilation!r}"
+            )
         object.__setattr__(self, "start", _fraction(self.start, "the blend start"))
 
     def to_json(self) -> dict[str, Any]:
@@ -182,7 +211,15 @@ class LocalBlend:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalBlend:
-        return cls(**_known(cls, data))
+        if not isinstance(data, Mapping):
+            raise TypeError(f'a local blend is an object like {{"words": ["dog"], "threshold": 0.3}}, not {_kind(data)}')
+        data = _known(cls, data)
+        for name in ("words", "parent_words"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
+        if "words" not in data:
+            raise ValueError('a local blend needs its "words"')
+        return cls(**data)
 
 
 def _words(value: Any, what: str, empty_ok: bool = False) -> tuple:
@@ -190,12 +227,28 @@ def _words(value: Any, what: str, empty_ok: bool = False) -> tuple:
         value = (value,)
     if not isinstance(value, (tuple, list)):
         raise TypeError(f"{what} is a list of words, not {value!r}")
-    for word in value:
-        if isinstance(word, bool) or not isinstance(word, (str, int)) or word == "":
-            raise ValueError(f"{what} holds words (text or word index), not {word!r}")
-    if not value and not empty_ok:
+    words = tuple(_word(word, what) for word in value)
+    if not words and not empty_ok:
         raise ValueError(f"{what} is empty; name at least one word")
-    return tuple(value)
+    return words
+
+
+def _word(word: Any, what: str) -> str | int:
+    """A word: non-empty text, or a word index (an int from 0)."""
+    if isinstance(word, str) and word.strip():
+        return word
+    if isinstance(word, int) and not isinstance(word, bool) and word >= 0:
+        return word
+    raise ValueError(f"{what}: a word is its text or its index (0, 1, ...) in the prompt, not {word!r}")
+
+
+def _unique(words: list, what: str) -> None:
+    seen = set()
+    for word in words:
+        key = word.lower() if isinstance(word, str) else word
+        if key in seen:
+            raise ValueError(f"{what} name {word!r} twice; give each word once")
+        seen.add(key)
 
 
 @dataclass(frozen=True)
@@ -235,13 +288,19 @@ class Target:
         if self.reweight_window is not None:
             object.__setattr__(self, "reweight_window", Window.parse(self.reweight_window))
         pairs = self.reweight.items() if isinstance(self.reweight, Mapping) else self.reweight
+        if not isinstance(pairs, (tuple, list)) and not isinstance(self.reweight, Mapping):
+            raise TypeError(f'reweight maps words to weights, e.g. {{"cat": 2.0}}, not {self.reweight!r}')
         weights = []
-        for word, scale in pairs:
-            if isinstance(word, bool) or not isinstance(word, (str, int)) or word == "":
-                raise ValueError(f"reweight maps words to scales, not {word!r}")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-                raise ValueError(f"the weight of {word!r} must be a finite number, not {scale!r}")
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"reweight holds (word, weight) pairs, not {pair!r}")
+            word, scale = _word(pair[0], "reweight"), pair[1]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= FLOAT32_MAX:
+                raise ValueError(
+                    f"the weight of {word!r} must be a finite number (within float32, |c| <= 3.4e38), not {scale!r}"
+                )
             weights.append((word, float(scale)))
+        _unique([w for w, _ in weights], "reweight")
         object.__setattr__(self, "reweight", tuple(weights))
         object.__setattr__(self, "preserve", _words(self.preserve, "preserve", empty_ok=True))
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
@@ -267,15 +326,35 @@ class Target:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | str) -> Target:
+        """A target from its JSON form (:meth:`to_json`), or a plain prompt string."""
         if isinstance(data, str):
             return cls(data)
+        if not isinstance(data, Mapping):
+            raise TypeError(f'a target is a prompt string or an object like {{"prompt": "a dog"}}, not {_kind(data)}')
         data = _known(cls, data)
-        if "reweight" in data:
-            data["reweight"] = tuple(tuple(pair) for pair in data["reweight"])
+        if "prompt" not in data:
+            raise ValueError('a target needs its "prompt"')
+        for name in ("reweight", "preserve"):
+            if name in data and not isinstance(data[name], (list, tuple, Mapping)):
+                raise TypeError(f"{name} is a list (or an object of word: weight for reweight), not {_kind(data[name])}")
+        if isinstance(data.get("reweight"), Mapping):
+            data["reweight"] = tuple(data["reweight"].items())
+        elif "reweight" in data:
+            data["reweight"] = tuple(tuple(p) if isinstance(p, list) else p for p in data["reweight"])
+        if "preserve" in data:
+            data["preserve"] = tuple(data["preserve"])
+        if data.get("blend") is not None:
+            data["blend"] = LocalBlend.from_json(data["blend"])
         return cls(**data)
 
 
 _SCHEDULER_DEFAULT = "DDIMScheduler"
+
+MAX_SEED = 2**63  # seeds are 0 .. 2**63 - 1 (torch generators take 64-bit seeds; the engine uses seed + 1)
+MAX_STEPS = 10_000  # more than any scheduler's training timesteps (1000 for Stable Diffusion)
+MAX_GUIDANCE = 1e4  # |guidance| beyond this is no guidance scale anyone means; 7.5 in the paper
+MAX_RECIPE_CHARS = 4_000_000  # a recipe is a few kB of JSON
+FLOAT32_MAX = 3.4028234663852886e38  # weights must be finite in float32, the attention's dtype
 
 
 @dataclass(frozen=True)
@@ -338,17 +417,35 @@ class Recipe:
         check_seed_and_steps(self.seed, self.steps)
         for name in ("guidance", "eta", "guidance_rescale", "self_max_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"{name} must be a finite number, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value!r}")
             object.__setattr__(self, name, float(value))
-        if not 0.0 <= self.self_max_scale <= 1.0:
-            raise ValueError(f"self_max_scale is a fraction of the latent side in [0, 1], not {self.self_max_scale}")
+        if not abs(self.guidance) <= MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance {self.guidance:g} is out of range: it is a classifier-free guidance scale "
+                f"(7.5 in the paper; <= 1 runs without guidance), at most {MAX_GUIDANCE:g} in size"
+            )
+        for name, meaning in (
+            ("eta", "DDIM's eta: 0 is deterministic, 1 as noisy as DDPM"),
+            ("guidance_rescale", "the share of rescaled guidance (0: off; 0.7 in Lin et al.)"),
+            ("self_max_scale", "a fraction of the latent side"),
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is {meaning}, in [0, 1], not {getattr(self, name):g}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive number of pixels or None, not {value!r}")
         if not isinstance(self.negative_prompt, str):
             raise TypeError(f"negative_prompt is a string, not {type(self.negative_prompt).__name__}")
+        if not isinstance(self.scheduler, str) or not self.scheduler:
+            raise TypeError(f"scheduler is a diffusers scheduler class name or 'pipeline', not {self.scheduler!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise TypeError(f"model is a hub id or a folder (text) or None, not {self.model!r}")
+        if not isinstance(self.version, str):
+            raise TypeError(f"version is the p2p_widgets version that wrote the recipe (text), not {self.version!r}")
         if not self.version:
             object.__setattr__(self, "version", __version__)
 
@@ -376,28 +473,113 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        data = _known(cls, data)
-        data["targets"] = tuple(Target.from_json(t) for t in data.get("targets", ()))
-        return cls(**data)
+        """A recipe from its JSON form (:meth:`to_dict`); the one strict schema every loader
+        uses: known fields only, each of its type, targets a list.
+
+        Raises:
+            ValueError: naming the field and the problem (TypeErrors included, as a
+                recipe file's content is data, not a call).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"this is not a recipe: expected a JSON object, not {_kind(data)}")
+        try:
+            data = _known(cls, data)
+            _check_version(data.get("version", ""))
+            if "prompt" not in data:
+                raise ValueError('the recipe has no "prompt" (the source prompt)')
+            targets = data.get("targets", [])
+            if not isinstance(targets, (list, tuple)):
+                raise ValueError(f'"targets" is a list of targets (prompt strings or objects), not {_kind(targets)}')
+            parsed = []
+            for number, target in enumerate(targets, start=1):
+                try:
+                    parsed.append(Target.from_json(target))
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"target {number}: {error}") from None
+            data["targets"] = tuple(parsed)
+            return cls(**data)
+        except TypeError as error:
+            raise ValueError(f"this recipe is not valid: {error}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> Recipe:
+    def from_json(cls, text: str | bytes) -> Recipe:
+        """A recipe from JSON text (see :meth:`from_dict`).
+
+        Raises:
+            ValueError: invalid JSON, too large or too deeply nested, or not a valid recipe.
+        """
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("this is not a recipe: the text is not UTF-8") from None
+        if not isinstance(text, str):
+            raise TypeError(f"Recipe.from_json takes JSON text, not {type(text).__name__}")
+        if len(text) > MAX_RECIPE_CHARS:
+            raise ValueError(
+                f"this is not a recipe: {len(text):,} characters of JSON, more than the {MAX_RECIPE_CHARS:,} a recipe may have"
+            )
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"this is not a recipe: invalid JSON ({error})") from None
+        except RecursionError:
+            raise ValueError("this is not a recipe: its JSON is nested too deeply") from None
         if not isinstance(data, dict):
-            raise ValueError("this is not a recipe: expected a JSON object")
-        return cls.from_dict(data)
+            raise ValueError(f"this is not a recipe: expected a JSON object, not {_kind(data)}")
+        try:
+            return cls.from_dict(data)
+        except RecursionError:
+            raise ValueError("this is not a recipe: its JSON is nested too deeply") from None
 
 
 def check_seed_and_steps(seed: Any, steps: Any) -> None:
-    """Raise a clear error unless ``seed`` is an integer and ``steps`` a positive one."""
+    """Raise a clear error unless ``seed`` is an integer in ``[0, 2**63)`` and ``steps``
+    a positive one (at most :data:`MAX_STEPS`)."""
     for name, value in (("seed", seed), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an integer, not {value!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, not {steps}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be from 0 to 2**63 - 1 (a torch generator seed), not {seed}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be at least 1 and at most {MAX_STEPS} (50 in the paper), not {steps}")
+
+
+def _check_version(version: Any) -> None:
+    """Refuse a recipe written by a newer p2p_widgets (its fields may mean more than ours)."""
+    from . import __version__
+
+    if version in ("", None):
+        return
+    if not isinstance(version, str):
+        raise ValueError(f'"version" is the p2p_widgets version that wrote the recipe (text), not {version!r}')
+    try:
+        written, ours = _release(version), _release(__version__)
+    except ValueError:
+        raise ValueError(f'"version" {version!r} is not a p2p_widgets version number (e.g. "0.1.0")') from None
+    if written > ours:
+        raise ValueError(
+            f"this recipe was written by p2p_widgets {version}, newer than this one ({__version__}); "
+            "upgrade to re-run it: pip install -U p2p-widgets"
+        )
+
+
+def _release(version: str) -> tuple:
+    """A sortable form of a version such as "0.1.0", "0.2.0rc1" or "0.1.0.dev0" (PEP 440)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (Version(version),)
+    except InvalidVersion:
+        raise ValueError(version) from None
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error message."""
+    names = {str: "a string", list: "a list", dict: "an object", bool: "true/false", type(None): "null"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"the number {value!r}"
+    return names.get(type(value), type(value).__name__) + (f" {value!r}" if isinstance(value, str) and len(value) < 40 else "")
 
 
 def _check_no_loops(targets: tuple[Target, ...]) -> None:

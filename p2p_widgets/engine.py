@@ -22,7 +22,8 @@ from PIL import Image
 
 from .control import Branch, Controller, plan_branches
 from .edits import Recipe, Target
-from .processors import attached, find_places
+from .processors import active, attached, find_places
+from .prompts import encode_text
 from .record import AttentionRecord
 
 __all__ = ["run", "edit", "Result", "Progress", "Cancelled", "make_scheduler", "initial_noise"]
@@ -119,7 +120,32 @@ def make_scheduler(pipe: Any, name: str):
             raise ValueError(
                 f"{name!r} is not a diffusers scheduler; use 'pipeline' or one of: {', '.join(known)}"
             )
-    return cls.from_config(pipe.scheduler.config)
+    return cls.from_config(scheduler_config(pipe.scheduler))
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's config as it acts, for ``from_config``.
+
+    diffusers lists the keys a scheduler was built without in ``_use_default_values``, and
+    ``from_config`` drops them so that another class's defaults apply. But pipelines patch
+    some of them afterwards (``StableDiffusionPipeline`` sets ``steps_offset`` to 1 on a
+    scheduler built without it): those are kept, or the copy would sample other timesteps.
+    Keys still at their default are dropped as diffusers does.
+    """
+    config = dict(scheduler.config)
+    defaulted = config.pop("_use_default_values", None) or ()
+    parameters = inspect.signature(type(scheduler).__init__).parameters
+    for key in defaulted:
+        parameter = parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        try:
+            unchanged = bool(config.get(key) == parameter.default)
+        except (TypeError, ValueError):  # e.g. arrays: keep the value as it is
+            unchanged = False
+        if unchanged:
+            config.pop(key, None)
+    return config
 
 
 def vae_factor(pipe: Any) -> int:
@@ -177,11 +203,19 @@ def embeddings(pipe: Any, branches: tuple[Branch, ...], negative_prompt: str, gu
     text = _encode(pipe, [b.prompt.ids for b in branches], [b.prompt.length for b in branches], device)
     if not guided:
         return text
-    negative = pipe.tokenizer(  # the stock pipeline's unconditional input: the negative prompt, truncated
-        negative_prompt, padding="max_length", max_length=branches[0].prompt.max_length, truncation=True
-    )
-    unconditional = _encode(pipe, [tuple(negative["input_ids"])], [sum(negative["attention_mask"])], device)
+    ids, length = negative_ids(pipe.tokenizer, negative_prompt, branches[0].prompt.max_length)
+    unconditional = _encode(pipe, [ids], [length], device)
     return torch.cat([unconditional.expand(len(branches), -1, -1), text])
+
+
+def negative_ids(tokenizer: Any, text: str, max_length: int) -> tuple[tuple[int, ...], int]:
+    """The stock pipeline's unconditional input: ``text`` truncated and padded to
+    ``max_length`` (begin- and end-of-text included), and its number of real tokens;
+    computed without touching the tokenizer's shared padding settings."""
+    body = encode_text(tokenizer, text)[0][: max_length - 2]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = (tokenizer.bos_token_id, *body, tokenizer.eos_token_id) + (pad,) * (max_length - len(body) - 2)
+    return ids, len(body) + 2
 
 
 def is_guided(pipe: Any, guidance: float) -> bool:
@@ -333,7 +367,8 @@ def run(
                 model_input = scheduler.scale_model_input(model_input, t)
                 if per_step is not None:
                     text = torch.cat([per_step[i][None].expand(count, -1, -1), text[count:]])
-                prediction = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+                with active(controller):  # only this run's calls are edited (the UNet may be shared)
+                    prediction = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
                 if guided:
                     unconditional_pred, text_pred = prediction.chunk(2)
                     prediction = unconditional_pred + recipe.guidance * (text_pred - unconditional_pred)

@@ -15,18 +15,29 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
+
+A UNet is often shared: the panel runs in a background thread while a notebook cell calls
+``pipe(...)`` or ``invert()`` on the same pipeline. So a processor acts only for the calls
+of the run that installed it: the run marks its own UNet calls with ``active(controller)``
+(a context variable, so it is per thread and per asyncio task), and every other call goes
+to the layer's original processor, unchanged. Installing is reference-counted per UNet
+under a lock: concurrent runs on one pipeline each see only their own controller, and the
+originals come back when the last of them ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+import contextvars
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LayerPlace", "find_places", "map_size", "P2PAttnProcessor", "attached", "AttentionHandler"]
+__all__ = ["LayerPlace", "find_places", "map_size", "P2PAttnProcessor", "attached", "active", "AttentionHandler"]
 
 
 def map_size(latent_size: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -99,12 +110,39 @@ def find_places(unet: torch.nn.Module) -> dict[str, LayerPlace]:
     return places
 
 
-class P2PAttnProcessor:
-    """Attention like ``AttnProcessor2_0``, with decisions delegated to a handler."""
+# The handler whose run is calling the UNet in this thread (or task), if any.
+_ACTIVE: contextvars.ContextVar[AttentionHandler | None] = contextvars.ContextVar("p2p_widgets_active_run", default=None)
 
-    def __init__(self, handler: AttentionHandler, place: LayerPlace):
+
+@contextlib.contextmanager
+def active(handler: AttentionHandler) -> Iterator[None]:
+    """Mark the UNet calls inside this block as ``handler``'s run: only they are edited."""
+    token = _ACTIVE.set(handler)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+class P2PAttnProcessor:
+    """Attention like ``AttnProcessor2_0``, with decisions delegated to a handler.
+
+    ``handler``: a fixed handler (used directly, as in unit tests), or None for the
+    installed form, which serves the run active in the calling thread when that run is
+    one of ``handlers`` and otherwise calls ``original`` with the same arguments.
+    """
+
+    def __init__(
+        self,
+        handler: AttentionHandler | None,
+        place: LayerPlace,
+        original: Any = None,
+        handlers: frozenset | set | None = None,
+    ):
         self.handler = handler
         self.place = place
+        self.original = original
+        self.handlers = handlers if handlers is not None else set()
 
     def __call__(
         self,
@@ -116,6 +154,24 @@ class P2PAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        handler = self.handler
+        if handler is None:
+            handler = _ACTIVE.get()
+            if handler is None or handler not in self.handlers:  # another caller: as if we were not here
+                return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+        return self._attend(handler, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs) -> torch.Tensor:
+        if args:  # called positionally beyond temb: pass on the same way
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        # diffusers' Attention passes everything but hidden_states by keyword; so do we
+        if temb is not None:
+            kwargs = {"temb": temb, **kwargs}
+        return self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
+
+    def _attend(self, handler, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -148,7 +204,7 @@ class P2PAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        first = self.handler.explicit_rows(self.place) if self.place.is_cross else None
+        first = handler.explicit_rows(self.place) if self.place.is_cross else None
         if first is not None:
             # Rows before ``first`` (the unconditional half) need no record or edit: SDPA.
             # The rest: explicit probabilities (batch, heads, pixels, tokens), fp32 softmax.
@@ -156,8 +212,8 @@ class P2PAttnProcessor:
             scores = torch.matmul(query[first:], (key[first:] * attn.scale).transpose(-1, -2))
             if attention_mask is not None:
                 scores = scores + attention_mask[first:]
-            probs = self.handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
-            values = self.handler.cross_values(self.place, value[first:])
+            probs = handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
+            values = handler.cross_values(self.place, value[first:])
             hidden_states = torch.matmul(probs.to(value.dtype), values)
             if first > 0:
                 mask = None if attention_mask is None else attention_mask[:first]
@@ -170,8 +226,8 @@ class P2PAttnProcessor:
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
             )
         else:
-            self.handler.record_self(self.place, query, key, attn.scale)
-            sources = self.handler.self_sources(self.place)
+            handler.record_self(self.place, query, key, attn.scale)
+            sources = handler.self_sources(self.place)
             if sources is not None:  # Q and K of the parent, V of the branch itself
                 query, key = query.index_select(0, sources), key.index_select(0, sources)
             hidden_states = F.scaled_dot_product_attention(
@@ -189,20 +245,62 @@ class P2PAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+@dataclass
+class _Installed:
+    """The processors installed on one UNet, and the runs they serve."""
+
+    originals: dict[str, Any]
+    handlers: set = field(default_factory=set)
+
+
+_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, _Installed]" = weakref.WeakKeyDictionary()
+_INSTALL_LOCK = threading.Lock()  # check-and-install and restore are one step per UNet
+
+
 @contextlib.contextmanager
 def attached(unet: torch.nn.Module, handler: AttentionHandler, places: dict[str, LayerPlace]) -> Iterator[None]:
-    """Install a :class:`P2PAttnProcessor` on every attention layer, restore on exit."""
+    """Install a :class:`P2PAttnProcessor` on every attention layer, restore on exit.
+
+    Only UNet calls made inside ``active(handler)`` are edited; any other call (a stock
+    ``pipe(...)`` from another thread, another run's calls) gets the original processors.
+    Several runs may be attached to one UNet at once; the originals are restored when the
+    last one ends, on layers that still hold the installed processor (a processor the user
+    set meanwhile is left alone).
+    """
     modules = {name: module for name, module in unet.named_modules() if name in places}
-    originals = {name: module.get_processor() for name, module in modules.items()}
-    if any(isinstance(p, P2PAttnProcessor) for p in originals.values()):
-        raise RuntimeError(
-            "this pipeline is already running a Prompt-to-Prompt edit (its attention "
-            "processors are attached); wait for that run to finish or cancel it"
-        )
+    with _INSTALL_LOCK:
+        installed = _INSTALLED.get(unet)
+        if installed is None:
+            originals = {name: module.get_processor() for name, module in modules.items()}
+            if any(isinstance(p, P2PAttnProcessor) for p in originals.values()):
+                raise RuntimeError(
+                    "this UNet holds Prompt-to-Prompt processors that p2p_widgets did not install "
+                    "(copied from another pipeline?); give it its own processors with "
+                    "unet.set_default_attn_processor()"
+                )
+            installed = _Installed(originals)
+            try:
+                for name, module in modules.items():
+                    module.set_processor(P2PAttnProcessor(None, places[name], originals[name], installed.handlers))
+            except BaseException:
+                _restore(modules, installed)
+                raise
+            _INSTALLED[unet] = installed
+        elif set(installed.originals) != set(modules):
+            raise RuntimeError("this UNet's attention layers changed during another run; wait for it to finish")
+        installed.handlers.add(handler)
     try:
-        for name, module in modules.items():
-            module.set_processor(P2PAttnProcessor(handler, places[name]))
         yield
     finally:
-        for name, module in modules.items():
-            module.set_processor(originals[name])
+        with _INSTALL_LOCK:
+            installed.handlers.discard(handler)
+            if not installed.handlers:
+                _restore(modules, installed)
+                _INSTALLED.pop(unet, None)
+
+
+def _restore(modules: dict[str, torch.nn.Module], installed: _Installed) -> None:
+    for name, module in modules.items():
+        current = module.get_processor()
+        if isinstance(current, P2PAttnProcessor) and current.handlers is installed.handlers:
+            module.set_processor(installed.originals[name])

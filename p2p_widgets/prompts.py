@@ -25,7 +25,10 @@ All functions here are pure: they take a tokenizer and strings, never a model.
 
 from __future__ import annotations
 
+import bisect
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +39,7 @@ __all__ = [
     "Prompt",
     "Alignment",
     "tokenize",
+    "encode_text",
     "align",
     "infer_kind",
     "Kind",
@@ -130,6 +134,9 @@ class Prompt:
 def tokenize(tokenizer, text: str) -> Prompt:
     """Tokenise ``text`` as the pipeline does (padded to the encoder's length).
 
+    Safe to call from several threads on one tokenizer, also while other code calls the
+    tokenizer with padding or truncation: it never uses the tokenizer's shared settings.
+
     Raises:
         ValueError: empty prompt, or longer than the text encoder accepts.
     """
@@ -138,57 +145,95 @@ def tokenize(tokenizer, text: str) -> Prompt:
     if not text.strip():
         raise ValueError('the prompt is empty; describe the image, e.g. "a cat riding a bicycle"')
     max_length = int(tokenizer.model_max_length)
-    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-    body, owners = _tokens_with_owners(tokenizer, text, spans)
-    if len(body) + 2 > max_length:
+    body, offsets = encode_text(tokenizer, text)
+    if len(body) + 2 > max_length:  # before mapping tokens to words
         raise ValueError(
             f"the prompt is {len(body)} tokens long but the text encoder takes at most "
-            f"{max_length - 2}; shorten it by {len(body) + 2 - max_length} tokens: {text!r}"
+            f"{max_length - 2}; shorten it by {len(body) + 2 - max_length} tokens: {_shortened(text)!r}"
         )
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    owners = _owners(tokenizer, text, spans, body, offsets)
     bos, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     ids = [bos, *body, eos_id] + [pad] * (max_length - len(body) - 2)
+    positions: list[list[int]] = [[] for _ in spans]
+    for i, owner in enumerate(owners):
+        positions[owner].append(1 + i)
     words: list[Word] = []
-    for index, (start, end) in enumerate(spans):
-        positions = [1 + i for i, owner in enumerate(owners) if owner == index]
-        if not positions:  # a character the tokenizer drops (e.g. some symbols)
+    for (start, end), tokens in zip(spans, positions):
+        if not tokens:  # a character the tokenizer drops (e.g. some symbols)
             continue
-        words.append(Word(text[start:end], len(words), positions[0], positions[-1] + 1))
+        words.append(Word(text[start:end], len(words), tokens[0], tokens[-1] + 1))
     return Prompt(text=text, words=tuple(words), ids=tuple(ids), eos=len(body) + 1)
 
 
-def _tokens_with_owners(
-    tokenizer, text: str, spans: list[tuple[int, int]]
-) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` (no special tokens) and, per token, the index of its word."""
+def _shortened(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Fast tokenizers keep padding and truncation settings in their Rust backend, and every call
+# with other settings rewrites them: two threads interfere. Each fast tokenizer gets a private
+# copy of its backend here, configured once without padding or truncation.
+_PRIVATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PRIVATE_LOCK = threading.Lock()
+
+
+def _private_backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    with _PRIVATE_LOCK:
+        private = _PRIVATE.get(tokenizer)
+        if private is None:
+            from tokenizers import Tokenizer
+
+            private = Tokenizer.from_str(backend.to_str())
+            private.no_padding()
+            private.no_truncation()
+            _PRIVATE[tokenizer] = private
+    return private
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids of ``text`` without special tokens, and their character offsets (None for
+    tokenizers without offsets), independent of the tokenizer's padding state."""
+    private = _private_backend(tokenizer)
+    if private is not None:
+        encoding = private.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
     try:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
+        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     except (NotImplementedError, ValueError, TypeError, KeyError):
-        offsets = None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
+
+
+def _owners(
+    tokenizer, text: str, spans: list[tuple[int, int]], ids: list[int], offsets: list[tuple[int, int]] | None
+) -> list[int]:
+    """For every token of ``ids``, the index of the word span it came from."""
     if offsets is not None:
-        ids = list(encoded["input_ids"])
+        starts = [s for s, _ in spans]
         owners = []
         for start, _ in offsets:
-            owner = next((i for i, (s, e) in enumerate(spans) if s <= start < e), None)
-            if owner is None:  # offsets point at a space before the word
-                owner = next((i for i, (s, _) in enumerate(spans) if s >= start), len(spans) - 1)
-            owners.append(owner)
-        return ids, owners
+            index = bisect.bisect_right(starts, start) - 1
+            if index < 0 or start >= spans[index][1]:  # offsets point at a space before the word
+                index = min(index + 1, len(spans) - 1)
+            owners.append(index)
+        return owners
     # Tokenizers without offsets: tokenize word by word and check nothing changed.
-    ids, owners = [], []
+    pieces, owners = [], []
     for index, (start, end) in enumerate(spans):
-        piece = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
+        piece = encode_text(tokenizer, text[start:end])[0]
+        pieces.extend(piece)
         owners.extend([index] * len(piece))
-    whole = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if whole != ids:
+    if pieces != ids:
         raise ValueError(
-            f"cannot map the tokens of {text!r} to its words with this tokenizer "
+            f"cannot map the tokens of {_shortened(text)!r} to its words with this tokenizer "
             "(it has no character offsets and tokenizes across word boundaries); "
             "use a fast tokenizer (transformers' CLIPTokenizerFast)"
         )
-    return ids, owners
+    return owners
 
 
 @dataclass(frozen=True)
