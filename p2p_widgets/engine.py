@@ -22,15 +22,31 @@ from PIL import Image
 
 from .control import Branch, Controller, plan_branches
 from .edits import Recipe, Target
-from .processors import active, attached, find_places
+from .memory import MemoryEstimate
+from .processors import active, attached, find_places, map_size
 from .prompts import encode_text
 from .record import AttentionRecord
 
-__all__ = ["run", "edit", "Result", "Progress", "Cancelled", "make_scheduler", "initial_noise"]
+__all__ = [
+    "run",
+    "edit",
+    "Result",
+    "Progress",
+    "Cancelled",
+    "NotFinite",
+    "make_scheduler",
+    "initial_noise",
+    "estimate_run",
+]
 
 
 class Cancelled(Exception):
     """The run was cancelled; the pipeline is as it was before the run."""
+
+
+class NotFinite(ValueError):
+    """The latents (or the decoded pixels) became NaN or infinite: the message names the
+    settings that likely caused it. Nothing is returned; the pipeline is unchanged."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +246,11 @@ def _decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     for latent in latents:  # one at a time: decoding is the memory peak at large sizes
         decoded = pipe.vae.decode(latent[None].to(pipe.vae.dtype) / scaling + shift, return_dict=False)[0]
+        if not bool(torch.isfinite(decoded).all()):
+            raise NotFinite(
+                f"the VAE decoded non-finite pixels (NaN or inf) in {pipe.vae.dtype}; a float16 VAE "
+                "overflows at some sizes: decode in float32 (pipe.vae.to(torch.float32)) and run again"
+            )
         array = (decoded[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray((array * 255).round().astype(np.uint8)))
     return images
@@ -321,14 +342,23 @@ def run(
                 f"{', '.join(map(str, self_factors))}, not {record_self!r}"
             )
         record_self = (int(record_self[0]), int(record_self[1]))
+    check_steps(scheduler, recipe.steps)
     if inversion is not None:
         _check_inversion(inversion, recipe, scheduler, (height, width), latents)
+    estimate_run(
+        pipe, branches, recipe.steps, (height, width), is_guided(pipe, recipe.guidance), record, record_self, places
+    ).check("use fewer steps, a smaller size or fewer targets (or record=False)")
+    if inversion is not None:
         latents = inversion.trajectory[-1:]
     if latents is None:
         latents = initial_noise(pipe, recipe.seed, height, width)
     expected = (1, unet.config.in_channels, *latent_size)
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents is a torch.Tensor of shape {expected}, not {type(latents).__name__}")
     if tuple(latents.shape) != expected:
         raise ValueError(f"latents must have shape {expected} for a {height}x{width} image, not {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("the latents hold NaN or infinite values; give finite x_T (e.g. initial_noise(pipe, seed, h, w))")
     recipe = recipe.replace(
         height=height,
         width=width,
@@ -382,6 +412,8 @@ def run(
                     if pin:  # direct inversion: the source follows the trajectory exactly
                         x = torch.cat([reference[None], x[1:]])
                 x = controller.end_step(x, reference)
+                if not bool(torch.isfinite(x).all()):  # one check per step, never per layer
+                    raise NotFinite(_not_finite(x, i, len(timesteps), recipe, pipe))
                 if callback is not None:
                     preview = None
                     clean = getattr(output, "pred_original_sample", None)
@@ -399,6 +431,99 @@ def run(
         attention=attention,
         blend_masks=masks,
     )
+
+
+def check_steps(scheduler: Any, steps: int) -> None:
+    """Refuse more steps than the scheduler has training timesteps (before any work)."""
+    trained = getattr(scheduler.config, "num_train_timesteps", None)
+    if isinstance(trained, int) and steps > trained:
+        raise ValueError(
+            f"steps {steps} is more than the {trained} timesteps {type(scheduler).__name__} was trained with; "
+            f"use at most {trained} (50 in the paper)"
+        )
+
+
+def _not_finite(x: torch.Tensor, step: int, steps: int, recipe: Recipe, pipe: Any) -> str:
+    """Which branch went non-finite, when, and the settings most likely to blame."""
+    bad = [b for b in range(x.shape[0]) if not bool(torch.isfinite(x[b]).all())]
+    where = ", ".join("the source" if b == 0 else f"target {b}" for b in bad)
+    causes = []
+    if abs(recipe.guidance) > 30:
+        causes.append(f"guidance {recipe.guidance:g} (usual: 1 to 20)")
+    for number, target in enumerate(recipe.targets, start=1):
+        for word, weight in target.reweight:
+            if abs(weight) > 20:
+                causes.append(f"target {number}'s re-weight {weight:g} of {word!r} (usual: -2 to 5)")
+    if recipe.eta > 0:
+        causes.append(f"eta {recipe.eta:g}")
+    dtype = pipe.unet.dtype
+    if dtype == torch.float16:
+        causes.append("float16 weights, which overflow where bfloat16 or float32 do not")
+    blame = "; likely cause: " + ", ".join(causes) if causes else "; no setting is out of the usual range: check the model's weights"
+    return (
+        f"the latents of {where} became non-finite (NaN or inf) at step {step + 1} of {steps}{blame}. "
+        "Nothing was returned and the pipeline is unchanged; change that and run again"
+    )
+
+
+def estimate_run(
+    pipe: Any,
+    branches: Any,
+    steps: int,
+    size: tuple[int, int],
+    guided: bool,
+    record: bool = True,
+    record_self: tuple[int, int] | None = None,
+    places: dict | None = None,
+) -> MemoryEstimate:
+    """What a run allocates beyond the model's weights (:class:`~p2p_widgets.memory.MemoryEstimate`).
+
+    ``branches``: the planned branches (or their number, for prompts of full length).
+    Counts the latents, the UNet's largest activations at the finest level, the explicit
+    cross-attention probabilities, the attention record (fp16, on the device during the run
+    and copied to the host at its end), the optional self-attention maps, the controller's
+    per-step tables, the blend masks and decoding.
+    """
+    count = branches if isinstance(branches, int) else len(branches)
+    tokens = (
+        pipe.tokenizer.model_max_length if isinstance(branches, int) else max(b.prompt.length for b in branches)
+    )
+    length = int(pipe.tokenizer.model_max_length)
+    height, width = size
+    factor = vae_factor(pipe)
+    latent = (height // factor, width // factor)
+    pixels = latent[0] * latent[1]
+    rows = 2 * count if guided else count
+    element = torch.finfo(pipe.unet.dtype).bits // 8
+    places = find_places(pipe.unet) if places is None else places
+    cross = [p for p in places.values() if p.is_cross]
+    factors = sorted({p.factor for p in cross})
+    cells = {f: _cells(latent, f) for f in factors}
+    heads = max(getattr(pipe.unet.get_submodule(p.name), "heads", 1) for p in cross)
+    first_channels = pipe.unet.config.block_out_channels[0]
+    channels = pipe.unet.config.in_channels
+    record_bytes = steps * count * tokens * sum(cells.values()) * 2 if record else 0
+    on_device = [
+        ("latents", rows * channels * pixels * 4 * 8),
+        ("UNet activations", rows * first_channels * pixels * element * 12),
+        ("explicit cross-attention", count * heads * cells[factors[0]] * length * 4 * 3),
+        ("attention record", record_bytes),
+        ("controller tables", steps * count * length * 4 * 3 + steps * rows * 8),
+        ("blend masks", steps * count * pixels),
+    ]
+    if record_self is not None:
+        self_cells = _cells(latent, record_self[1])
+        on_device.append(("self-attention maps", count * heads * self_cells * self_cells * 4 * 2))
+    vae_channels = pipe.vae.config.block_out_channels[0]
+    on_device.append(("decoding", vae_channels * height * width * element * 4))
+    on_host = [("attention record (host copy)", record_bytes), ("images", count * height * width * 3 * 5)]
+    what = f"this run ({count} branches, {steps} steps, {height}x{width} pixels)"
+    return MemoryEstimate(what, pipe.unet.device, tuple(on_device), tuple(on_host))
+
+
+def _cells(latent: tuple[int, int], factor: int) -> int:
+    height, width = map_size(latent, factor)
+    return height * width
 
 
 def _check_inversion(inversion: Any, recipe: Recipe, scheduler: Any, size: tuple[int, int], latents: Any) -> None:

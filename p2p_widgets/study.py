@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .control import same_tokens, plan_branches
 from .edits import LocalBlend, Recipe, Target
 from .engine import Progress, Result, edit
+from .memory import NotEnoughMemory
 
 __all__ = [
     "Preset",
@@ -317,6 +318,14 @@ def _grid(name: str, values: Any, low: float, high: float, high_open: bool = Fal
     return tuple(float(v) for v in values)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """A refusal by the memory estimate (before allocating), or an allocator's failure
+    (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError)."""
+    if isinstance(error, (NotEnoughMemory, MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def sweep(
     pipe: Any,
     prompt: str,
@@ -340,8 +349,9 @@ def sweep(
     ``blend``: the words of ``edited`` to blend on when ``k`` > 0).
 
     Every point is run as a cycle A -> B -> A (two branches), as many points per diffusion
-    pass as ``max_targets`` allows (default: all; on a CUDA out-of-memory error the pass is
-    split in half and retried). Each row: the settings, ``cycle_psnr`` / ``cycle_ssim``
+    pass as ``max_targets`` allows (default: all) and memory holds: a pass whose memory
+    estimate exceeds what is free (CPU or GPU), or that runs out of memory, is split in half
+    and retried. Each row: the settings, ``cycle_psnr`` / ``cycle_ssim``
     (A' against A), ``background_psnr`` (B against A outside the edit's attention mask:
     :func:`edited_mask` at ``mask_threshold``; 0.7 suits the shapes model's maps),
     ``edge_correlation`` (B's edges against A's), and ``edit_success`` when ``success`` (a
@@ -387,8 +397,8 @@ def sweep(
 
         try:
             result = edit(pipe, prompt, *branches, callback=report, cancel=cancel, **settings)
-        except torch.cuda.OutOfMemoryError:
-            if len(chunk) == 1:
+        except (NotEnoughMemory, MemoryError, RuntimeError) as error:
+            if len(chunk) == 1 or not _out_of_memory(error):
                 raise
             passes[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
             continue
