@@ -137,7 +137,8 @@ class CrossWindow:
     @classmethod
     def parse(cls, value: CrossWindowLike) -> CrossWindow:
         """From a CrossWindow, a window (fraction, pair), ``{"default_": w, word: w, ...}``
-        (word keys: text, or int word indices in Python) or the JSON form of :meth:`to_json`."""
+        (word keys: text, or int word indices in Python) or the JSON form of :meth:`to_json`.
+        A mapping with "start" or "end" is one window (``{"start": s, "end": e}``, strictly)."""
         if isinstance(value, CrossWindow):
             return value
         if isinstance(value, Mapping) and set(value) == {"default", "words"}:
@@ -145,7 +146,7 @@ class CrossWindow:
             if not isinstance(words, (list, tuple)):
                 raise ValueError(f'"words" of a cross window is a list of [word, window] pairs, not {words!r}')
             return cls(Window.parse(value["default"]), tuple(words))
-        if isinstance(value, Mapping) and not {"start", "end"} >= set(value):
+        if isinstance(value, Mapping) and not {"start", "end"} & set(value):
             value = dict(value)
             default = value.pop("default_", 1.0)
             return cls(Window.parse(default), tuple(value.items()))

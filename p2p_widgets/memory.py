@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import torch
 
@@ -104,12 +104,14 @@ class MemoryEstimate:
         largest = sorted(parts, key=lambda p: -p[1])[:3]
         return ", ".join(f"{name} {format_bytes(size)}" for name, size in largest if size > 0)
 
-    def check(self, advice: str, available: Any = available_memory) -> None:
+    def check(self, advice: str, available: Callable[[torch.device], int | None] | None = None) -> None:
         """Raise :class:`NotEnoughMemory` when the estimate exceeds what is free.
 
         ``advice``: what to change, e.g. "use fewer steps, a smaller size or fewer targets".
-        ``available``: a function of a device giving free bytes or None (for tests).
+        ``available``: a function of a device giving free bytes or None; default
+        :func:`available_memory`.
         """
+        available = available or available_memory
         host = torch.device("cpu")
         if self.device.type == "cpu":
             needs = [(self.device, self.device_bytes + self.host_bytes, self.on_device + self.on_host)]
