@@ -25,15 +25,17 @@ trajectory, i.e. to the original image, whatever the method (paper fig. 12);
 :func:`restore_outside` also pastes the original pixels there.
 
 ``prepare_image(image, (height, width))`` accepts a path, a PIL image or an array, and
-returns an RGB image of exactly that size with a note for every change it made (mode
-conversion, resizing, cropping or padding), so nothing happens to the user's image
-silently.
+returns an RGB image of exactly that size with a note for every change it made (first
+frame of many, EXIF orientation, mode or bit-depth conversion, resizing, cropping or
+padding), so nothing happens to the user's image silently; input it cannot take is
+refused with a ValueError or TypeError that says what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 import time
 import warnings
@@ -82,31 +84,106 @@ class PreparedImage:
     notes: tuple[str, ...]
 
 
+# --- image input ---------------------------------------------------------------------------
+
+# What reading or decoding a file can raise in PIL (plugins raise SyntaxError, struct.error,
+# EOFError or IndexError on broken data; a closed image raises ValueError).
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error)
+
+# EXIF orientation -> the transposition that shows the image upright (as in
+# PIL.ImageOps.exif_transpose) and what it does, in words.
+_ORIENTATIONS: dict[int, tuple[Image.Transpose, str]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, "mirrored left-right"),
+    3: (Image.Transpose.ROTATE_180, "rotated 180°"),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, "mirrored top-bottom"),
+    5: (Image.Transpose.TRANSPOSE, "mirrored left-right and rotated 90° counter-clockwise"),
+    6: (Image.Transpose.ROTATE_270, "rotated 90° clockwise"),
+    7: (Image.Transpose.TRANSVERSE, "mirrored left-right and rotated 90° clockwise"),
+    8: (Image.Transpose.ROTATE_90, "rotated 90° counter-clockwise"),
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A path for a message, as given, shortened when absurdly long."""
+    text = str(os.fspath(path))
+    return text if len(text) <= 200 else f"{text[:100]}...{text[-40:]} ({len(text)} characters)"
+
+
 def _open(source: Any, max_pixels: int) -> tuple[Image.Image, list[str]]:
-    """The input as a PIL image (not yet converted), refusing oversized ones early."""
+    """The input's first frame as a loaded PIL image (not yet oriented or converted),
+    refusing oversized ones before decoding."""
     notes: list[str] = []
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"no such image file: {path}")
-        try:
-            image = Image.open(path)  # lazy: reads the header only
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{path} is too large to decode safely ({error}); resize it first") from None
-        except OSError as error:
-            raise ValueError(f"cannot read {path} as an image ({error}); use a PNG, JPEG, WebP, BMP or TIFF file") from None
-        _check_pixels(image.width, image.height, max_pixels, str(path))
-        try:
-            image.load()
-        except (OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot decode {path} ({error}); the file may be truncated or corrupt") from None
-        return image, notes
+        return _read(source, max_pixels, notes), notes
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, max_pixels, "the image")
-        return source, notes
+        return _first_frame(source, notes, "the image"), notes
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels, notes), notes
-    raise TypeError(f"an image is a file path, a PIL image or a numpy array, not {type(source).__name__}")
+        return _from_array(np.asarray(source), max_pixels, notes), notes
+    hint = ""
+    if isinstance(source, (bytes, bytearray)):
+        hint = "; for a file's contents, pass Image.open(io.BytesIO(data))"
+    elif type(source).__name__ == "Tensor":
+        hint = "; for a tensor, pass tensor.permute(1, 2, 0).cpu().numpy() (height, width, channels)"
+    raise TypeError(f"an image is a file path, a PIL image or a numpy array, not {type(source).__name__}{hint}")
+
+
+def _read(source: str | os.PathLike, max_pixels: int, notes: list[str]) -> Image.Image:
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("the image path is empty; give the path of an image file")
+    path = Path(source)
+    shown = _shown(source)
+    try:
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ValueError(f"cannot use {shown} as a file path ({error.strerror or error}); check the path") from None
+    if not exists:
+        hint = "; a URL must be downloaded first" if str(source).startswith(("http://", "https://")) else ""
+        raise FileNotFoundError(f"no such image file: {shown} (relative paths start at {Path.cwd()}){hint}")
+    if is_dir:
+        raise ValueError(f"{shown} is a folder, not an image file; give the path of one image in it")
+    if not is_file:
+        raise ValueError(f"{shown} is not a regular file (a device, pipe or socket?); save the image to a file first")
+    try:
+        image = Image.open(path)  # lazy: reads the header only
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{shown} is too large to decode safely ({error}); resize it first") from None
+    except _DECODE_ERRORS as error:
+        raise ValueError(f"cannot read {shown} as an image ({error}); use a PNG, JPEG, WebP, BMP or TIFF file") from None
+    try:
+        _check_pixels(image.width, image.height, max_pixels, shown)
+        first = _first_frame(image, notes, shown)
+    except ValueError:
+        image.close()
+        raise
+    if first is not image:
+        image.close()  # a multi-frame file stays open until closed; the first frame is a copy
+    return first
+
+
+def _first_frame(image: Image.Image, notes: list[str], what: str) -> Image.Image:
+    """The first frame, decoded; a caller's image is left on the frame it was on."""
+    try:
+        frames = int(getattr(image, "n_frames", 1))  # counting may read the whole file
+        if frames <= 1:
+            image.load()
+            return image
+        current = image.tell()
+        if current:
+            image.seek(0)
+        first = image.copy()  # decodes frame 0
+        if current:
+            image.seek(current)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{what} is too large to decode safely ({error}); resize it first") from None
+    except _DECODE_ERRORS as error:
+        raise ValueError(
+            f"cannot decode {what} ({error}); the file may be truncated or corrupt (or the image closed): "
+            "save it again or use another copy"
+        ) from None
+    notes.append(f"first of {frames} frames used")
+    return first
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
@@ -116,51 +193,129 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
             "(a guard against decompression bombs); resize it first or pass a larger max_pixels"
         )
     if width < 1 or height < 1:
-        raise ValueError(f"{what} is empty ({width}x{height})")
+        raise ValueError(f"{what} is empty ({width}x{height} pixels); give an image at least 1 pixel on each side")
+
+
+def _float_levels(pixels: np.ndarray, what: str, notes: list[str]) -> np.ndarray:
+    """8-bit levels of float pixels: [0, 1] is scaled to 0..255, [0, 255] taken as levels;
+    anything else is refused (one rule for float arrays and mode "F" images)."""
+    if not np.isfinite(pixels).all():
+        raise ValueError(
+            f"{what} holds NaN or infinite values; replace them (e.g. np.nan_to_num) and give values in [0, 1] or [0, 255]"
+        )
+    low, high = float(pixels.min()), float(pixels.max())
+    if low >= 0.0 and high <= 1.0:
+        notes.append(f"{what} in [0, 1] scaled to 0..255")
+        pixels = pixels * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        notes.append(f"{what} in [0, 255] taken as 8-bit levels")
+    else:
+        fix = (
+            "it looks like [-1, 1]: give (x + 1) / 2"
+            if low >= -1.0 and high <= 1.0
+            else "rescale it, e.g. (x - x.min()) / (x.max() - x.min()), or clip it"
+        )
+        raise ValueError(f"{what} holds values in [{low:.4g}, {high:.4g}]; a float image is in [0, 1] or [0, 255]: {fix}")
+    return np.round(pixels).clip(0, 255).astype(np.uint8)
+
+
+def _integer_levels(pixels: np.ndarray, what: str, notes: list[str]) -> np.ndarray:
+    """8-bit levels of integers whose type does not say their depth (mode "I", int arrays):
+    [0, 255] is taken as 8-bit levels, [0, 65535] as 16 bits; anything else is refused."""
+    low, high = int(pixels.min()), int(pixels.max())
+    if low >= 0 and high <= 255:
+        notes.append(f"{what} with values in [0, 255] taken as 8-bit levels")
+        return pixels.astype(np.uint8)
+    if low >= 0 and high <= 65535:
+        notes.append(f"{what} with values up to {high} taken as 16 bits, scaled to 8 bits")
+        return np.round(pixels / 257.0).astype(np.uint8)
+    raise ValueError(
+        f"{what} holds values in [{low}, {high}], beyond 0..65535; "
+        "scale it to 0..255 (uint8) or 0..65535 (uint16) first"
+    )
 
 
 def _from_array(array: np.ndarray, max_pixels: int, notes: list[str]) -> Image.Image:
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"the array has shape {array.shape} (channels first); give (height, width, channels)")
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"an image array is (height, width) or (height, width, 1|3|4), not {array.shape}")
-    _check_pixels(array.shape[1], array.shape[0], max_pixels, "the array")
-    if array.dtype == np.uint8:
+    shape = tuple(array.shape)
+    if array.ndim == 4 and shape[0] == 1:
+        raise ValueError(f"the array has shape {shape}, a batch of one; give the image itself: array[0]")
+    if array.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"the array has shape {shape} (channels first); give (height, width, channels): array.transpose(1, 2, 0)"
+        )
+    if array.ndim not in (2, 3) or (array.ndim == 3 and shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            f"an image array is (height, width) or (height, width, 1|3|4) for gray, RGB or RGBA, not {shape}; "
+            "select or add channels to make it one of those"
+        )
+    _check_pixels(shape[1], shape[0], max_pixels, "the array")
+    kind, bits = array.dtype.kind, array.dtype.itemsize * 8
+    if kind in "uif" and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if kind == "u" and bits == 8:
         pixels = array
-    elif array.dtype == np.uint16:
-        pixels = (array.astype(np.float64) / 257.0).round().astype(np.uint8)
+    elif kind == "u" and bits == 16:
+        pixels = np.round(array / 257.0).astype(np.uint8)
         notes.append("16-bit array scaled to 8 bits")
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError("the image array holds NaN or infinite values")
-        low, high = float(array.min()), float(array.max())
-        if low < 0.0 or high > 1.0:
-            raise ValueError(f"a float image array must hold values in [0, 1], not [{low:.3g}, {high:.3g}]")
-        pixels = (array * 255.0).round().astype(np.uint8)
+    elif kind in "ui":
+        pixels = _integer_levels(array, f"{array.dtype} array", notes)
+    elif kind == "f":
+        pixels = _float_levels(array, f"{array.dtype} array", notes)
+    elif kind == "b":
+        raise ValueError("the array is boolean (a mask?); give an image: array.astype(np.uint8) * 255")
     else:
-        raise ValueError(f"an image array is uint8, uint16 or float in [0, 1], not {array.dtype}")
+        raise ValueError(
+            f"an image array holds numbers (uint8, uint16, other integers, or floats in [0, 1] or [0, 255]), "
+            f"not {array.dtype}; convert it, e.g. array.astype(np.uint8)"
+        )
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[..., 0]
-    return Image.fromarray(pixels)
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _orient(image: Image.Image, notes: list[str]) -> Image.Image:
+    """The image upright per its EXIF orientation (PIL.ImageOps.exif_transpose's rule)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except (*_DECODE_ERRORS, KeyError, TypeError) as error:
+        notes.append(f"its EXIF data cannot be read ({error}); its orientation, if any, is not applied")
+        return image
+    if orientation is None or orientation == 1:
+        return image
+    if not isinstance(orientation, int) or orientation not in _ORIENTATIONS:
+        notes.append(f"its EXIF orientation {orientation!r} is not one of 1-8; ignored")
+        return image
+    method, how = _ORIENTATIONS[orientation]
+    notes.append(f"{how} per its EXIF orientation ({orientation})")
+    return image.transpose(method)
 
 
 def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode != "I" or pixels.max() > 255 else 255.0
-        image = Image.fromarray((np.clip(pixels / top, 0, 1) * 255).round().astype(np.uint8))
+    if mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
         notes.append(f"{mode} (16-bit) scaled to 8 bits")
         mode = "L"
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        notes.append(f"{mode} with transparency composited on white")
-        return Image.alpha_composite(white, rgba).convert("RGB")
+    elif mode == "I":
+        image = Image.fromarray(_integer_levels(np.asarray(image), "I (32-bit integer) image", notes))
+        mode = "L"
+    elif mode == "F":
+        image = Image.fromarray(_float_levels(np.asarray(image), "F (32-bit float) image", notes))
+        mode = "L"
+    try:
+        if mode in ("RGBA", "LA", "PA", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            notes.append(f"{mode} with transparency composited on white")
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        converted = image.convert("RGB")
+    except ValueError as error:  # a mode PIL cannot convert, e.g. "La"
+        raise ValueError(f"cannot convert a {mode} image to RGB ({error}); convert it to RGB first") from None
     notes.append(f"{mode} converted to RGB")
-    return image.convert("RGB")
+    return converted
 
 
 def prepare_image(
@@ -173,24 +328,34 @@ def prepare_image(
 ) -> PreparedImage:
     """Bring an image to ``size`` = (height, width) in pixels, RGB.
 
+    In order, each step noted: a multi-frame image (GIF, APNG, TIFF pages) gives its first
+    frame (seek to another and pass ``image.copy()`` for that one); the EXIF orientation
+    is applied; the mode is converted to RGB (transparency on white; 16-bit scaled; floats
+    in [0, 1] scaled, in [0, 255] taken as levels); the image is resized, then cropped or
+    padded.
+
     Args:
         source: a file path, a PIL image, or an array (h, w) / (h, w, 1|3|4) of uint8,
-            uint16, or floats in [0, 1].
+            uint16, other integers in 0..65535 (as mode "I"), or floats in [0, 1] or [0, 255].
         size: the size the model needs; each side a multiple of ``multiple`` (the VAE's
-            downsampling factor).
+            downsampling factor), at least ``multiple``, at most ``max_pixels`` in all.
         fit: "crop" scales the image to cover the size and crops the centre; "pad" scales
             it to fit inside and pads the rest with the image's mean colour.
-        max_pixels: inputs with more pixels are refused before decoding.
+        max_pixels: inputs (and sizes) with more pixels are refused before decoding.
 
     Raises:
         FileNotFoundError / ValueError / TypeError: a missing or unreadable file, an
         oversized image, a bad array, a size the model cannot take, an unknown fit.
     """
-    height, width = _size(size, multiple)
-    if fit not in ("crop", "pad"):
+    for name, value in (("multiple", multiple), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} is a positive whole number, not {value!r}")
+    height, width = _size(size, int(multiple), int(max_pixels))
+    if not isinstance(fit, str) or fit not in ("crop", "pad"):
         raise ValueError(f"fit is 'crop' (cover, then cut the centre) or 'pad' (fit inside, then pad), not {fit!r}")
     image, notes = _open(source, max_pixels)
     original = (image.height, image.width)
+    image = _orient(image, notes)
     image = _to_rgb(image, notes)
     if (image.height, image.width) != (height, width):
         cover = fit == "crop"
@@ -200,13 +365,22 @@ def prepare_image(
             scaled = (max(scaled[0], height), max(scaled[1], width))
         else:
             scaled = (min(scaled[0], height), min(scaled[1], width))
-        resized = image.resize((scaled[1], scaled[0]), Image.LANCZOS) if scaled != (image.height, image.width) else image
-        step = f"resized {image.width}x{image.height} to {scaled[1]}x{scaled[0]}" if resized is not image else ""
+        resizing = scaled != (image.height, image.width)
+        step = f"resized {image.width}x{image.height} to {scaled[1]}x{scaled[0]}" if resizing else ""
         if cover:
             left, top = (scaled[1] - width) // 2, (scaled[0] - height) // 2
-            image = resized.crop((left, top, left + width, top + height))
+            if resizing:
+                # Resize and crop in one: only the kept part is computed, so a long thin
+                # image never makes a huge intermediate (the sampling positions are those
+                # of resizing the whole image, then cropping).
+                across, down = scaled[1] / image.width, scaled[0] / image.height
+                box = (left / across, top / down, (left + width) / across, (top + height) / down)
+                image = image.resize((width, height), Image.LANCZOS, box=box)
+            else:
+                image = image.crop((left, top, left + width, top + height))
             change = f"centre-cropped to {width}x{height}" if scaled != (height, width) else ""
         else:
+            resized = image.resize((scaled[1], scaled[0]), Image.LANCZOS) if resizing else image
             mean = tuple(int(v) for v in np.asarray(resized).reshape(-1, 3).mean(0).round())
             canvas = Image.new("RGB", (width, height), mean)
             canvas.paste(resized, ((width - scaled[1]) // 2, (height - scaled[0]) // 2))
@@ -216,14 +390,26 @@ def prepare_image(
     return PreparedImage(image=image, original_size=original, notes=tuple(notes))
 
 
-def _size(size: Any, multiple: int) -> tuple[int, int]:
-    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size
-    ):
+def _size(size: Any, multiple: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) checked before anything is read or allocated."""
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise ValueError(f"size is (height, width) in pixels, not {size!r}")
+    for name, side in zip(("height", "width"), size):
+        if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
+            raise ValueError(f"size is (height, width) in whole pixels, not {size!r}: the {name} is a {type(side).__name__}")
+        if side < multiple:
+            raise ValueError(
+                f"{name} {side} is too small: each side is at least {multiple} pixels (the VAE's downsampling "
+                f"factor), so the smallest size is ({multiple}, {multiple})"
+            )
     height, width = int(size[0]), int(size[1])
     check_multiple("height", height, multiple)
     check_multiple("width", width, multiple)
+    if height * width > max_pixels:
+        raise ValueError(
+            f"size {height}x{width} (height x width) is {height * width:,} pixels, over the limit of "
+            f"{max_pixels:,}; use a smaller size"
+        )
     return height, width
 
 
