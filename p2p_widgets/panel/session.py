@@ -15,12 +15,17 @@ does can be driven from code::
 State changes by replacement: :attr:`Session.state` is a frozen :class:`State`, swapped
 whole on every change, and every observer is called with the new state once per change.
 Errors (bad prompts, words not found, out of memory, a cancelled run) become
-``state.error``, a readable message; the history is never touched by a failed run.
+``state.error``, a readable message; the history is never touched by a failed run. A new
+error replaces the one before; a valid change or a finished run clears it. A word's
+setting dropped because its word left a prompt is said in ``state.message``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
+import inspect
 import io
 import math
 import random
@@ -50,6 +55,9 @@ _THUMBNAIL = 96  # history thumbnails: height in pixels
 _TILE = (128, 192)  # heatmap tiles: this many pixels high at least / at most
 _DISPLAY = (160, 320)  # the run's images: this many pixels high at least / at most
 _FRAME_CACHE = 256  # encoded heatmap frames kept (PNG bytes)
+_RECIPE_DEFAULTS = {  # recipe fields the panel has no input for, with the values it runs with
+    f.name: f.default for f in dataclasses.fields(Recipe) if f.name in ("negative_prompt", "scheduler", "eta", "guidance_rescale", "self_max_scale")
+}
 
 
 # --------------------------------------------------------------------------- settings
@@ -202,7 +210,9 @@ class Settings:
     def from_recipe(cls, recipe: Recipe) -> tuple[Settings, tuple[str, ...]]:
         """The panel settings of a recipe, and notes on what the panel cannot show (it
         has one cross window, one self window and one blend threshold for all edits, and
-        edits whose parent is the source)."""
+        edits whose parent is the source; no negative prompt, scheduler, eta, guidance
+        rescale or self-injection scale). A word that is not in its prompt raises
+        ValueError naming it: the panel could only drop it."""
         notes: list[str] = []
         targets = recipe.targets
         split = next(  # a chain P1 .. Pk (each editing the one before), then edits of Pk
@@ -218,26 +228,16 @@ class Settings:
         rows = []
         for i, target in enumerate(targets, start=1):
             words: dict[int, WordChoice] = {}
-            prompt = tokenize_words(target.prompt)
-
-            def index(word: str | int, what: str, target_number: int = i) -> int | None:
-                if isinstance(word, int):
-                    return word
-                found = [w.index for w in prompt if w.text.lower() == str(word).lower()]
-                if not found:
-                    notes.append(f"edit {target_number}: {what} {word!r} is not a single word; left out")
-                    return None
-                return found[0]
-
+            where = f"target {split + i}"  # as the recipe file numbers it
             for word, weight in target.reweight:
-                if (k := index(word, "re-weighted word")) is not None:
+                for k in _word_indices(word, target.prompt, f"{where} re-weights"):
                     words[k] = dataclasses.replace(words.get(k, WordChoice()), weight=weight)
             for word in target.preserve:
-                if (k := index(word, "preserved word")) is not None:
+                for k in _word_indices(word, target.prompt, f"{where} preserves"):
                     words[k] = dataclasses.replace(words.get(k, WordChoice()), preserve=True)
             if target.blend is not None:
                 for word in target.blend.words:
-                    if (k := index(word, "local word")) is not None:
+                    for k in _word_indices(word, target.prompt, f"{where} blends on"):
                         words[k] = dataclasses.replace(words.get(k, WordChoice()), local=True)
                 if target.blend.parent_words is not None or target.blend.dilation != 1 or target.blend.start:
                     notes.append(f"edit {i}: the blend's parent words, dilation and start are not shown; defaults used")
@@ -255,6 +255,9 @@ class Settings:
         blends = [t.blend.threshold for t in targets if t.blend is not None]
         if len(set(blends)) > 1:
             notes.append("the edits use different blend thresholds; the panel uses the first for all")
+        for name, default in _RECIPE_DEFAULTS.items():  # run settings the panel has no input for
+            if getattr(recipe, name) != default:
+                notes.append(f"the recipe's {name} {getattr(recipe, name)!r} is not shown; the panel runs with {default!r}")
         size = None if recipe.height is None or recipe.width is None else (recipe.height, recipe.width)
         settings = cls(
             source=recipe.prompt,
@@ -278,6 +281,33 @@ def tokenize_words(text: str) -> tuple[Word, ...]:
     from ..prompts import _WORD
 
     return tuple(Word(m.group(0), i, 0, 0) for i, m in enumerate(_WORD.finditer(text)))
+
+
+def _word_indices(word: str | int, text: str, what: str) -> list[int]:
+    """The word indices a recipe's word means in ``text``, as the engine finds them: an
+    index, or every occurrence of a word or phrase (case aside). A word that is not
+    there raises ValueError naming it: the panel could only drop it, and the recipe
+    would not run anyway."""
+    words = tokenize_words(text)
+    listing = ", ".join(w.text for w in words)
+    if isinstance(word, int):
+        if 0 <= word < len(words):
+            return [word]
+        raise ValueError(
+            f"{what} word {word}, but {text!r} has {len(words)} words ({listing}); "
+            "correct the word index or the prompt in the recipe"
+        )
+    wanted = [w.text.lower() for w in tokenize_words(word)]
+    lowered = [w.text.lower() for w in words]
+    found = {
+        start + k
+        for start in range(len(lowered) - len(wanted) + 1)
+        if wanted and lowered[start : start + len(wanted)] == wanted
+        for k in range(len(wanted))
+    }
+    if not found:
+        raise ValueError(f"{what} {word!r}, which is not in {text!r}; its words are: {listing}; correct the word or the prompt in the recipe")
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- state
@@ -337,6 +367,14 @@ class State:
 
 
 Observer = Callable[[State], None]
+
+
+def _os_message(error: OSError) -> str:
+    """An OSError's message without the ``[Errno n]`` prefix (its file named)."""
+    text = str(error)
+    if text.startswith("[Errno") and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename is not None else "")
+    return text or type(error).__name__
 
 
 def _readable(error: BaseException) -> str:
@@ -400,23 +438,28 @@ class Session:
 
     def _replace(self, **changes: Any) -> State:
         with self._lock:
-            self._state = dataclasses.replace(self._state, **changes)
+            old = self._state
+            if changes.get("error", old.error) is None and old.error is not None and "message" not in changes and old.message == old.error:
+                changes["message"] = ""  # an error cleared leaves no trace of itself in the status line
+            self._state = dataclasses.replace(old, **changes)
             state = self._state
         for observer in list(self._observers):
             observer(state)
         return state
 
     def report(self, error: BaseException | str) -> None:
-        """Show an error (an exception or a message) in the panel's status line."""
+        """Show an error (an exception or a message) in the panel's status line; it
+        replaces any error shown before."""
         message = error if isinstance(error, str) else _readable(error)
         self._replace(error=message, message=message)
-
 
     # -- settings ---------------------------------------------------------------------
     def update(self, **changes: Any) -> bool:
         """Change settings fields (seed, steps, guidance, size, cross, self_attn, values,
         value_beta, threshold, source). Returns False and sets ``state.error`` on bad
-        values, leaving the settings as they were."""
+        values, leaving the settings as they were. A new source keeps the word choices of
+        edit rows that follow it (empty prompt) on their words; those whose word is gone
+        are named in ``state.message``."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
         if unknown:
             self.report(f"unknown setting(s) {', '.join(unknown)}; settings: "
@@ -424,14 +467,22 @@ class Session:
             return False
         try:
             settings = dataclasses.replace(self.settings, **changes)
-            if "source" in changes:
-                settings = _keep_choices(settings, self.settings, self._words_of)
         except (ValueError, TypeError) as error:
             self.report(error)
             return False
-        self._replace(settings=settings, error=None)
+        selected, dropped = self.state.selected, ()
+        if "source" in changes or "chain" in changes:
+            settings, selected, dropped = _keep_choices(settings, self.settings, selected)
+        self._settle(settings, selected, dropped)
         return True
 
+    def _settle(self, settings: Settings, selected: tuple[int, int] | None, dropped: tuple[str, ...] = ()) -> None:
+        """Take valid new settings: any error is cleared, and word settings dropped
+        because their word left a prompt are reported (never silently lost)."""
+        changes: dict[str, Any] = dict(settings=settings, selected=selected, error=None)
+        if dropped:
+            changes["message"] = "; ".join(dropped)
+        self._replace(**changes)
 
     def apply_preset(self, name: str) -> bool:
         """Set the windows and the blend threshold to a CL P2P preset ("literature" or
@@ -478,7 +529,8 @@ class Session:
 
     def set_edit(self, row: int, prompt: str | None = None, kind: str | None = None) -> bool:
         """Change edit row ``row`` (1-based; ``add_edit`` first if it does not exist).
-        Word choices stay on words that keep their text and position."""
+        Word choices follow their words (same text) to where they are in the new prompt;
+        a choice whose word is gone is dropped and named in ``state.message``."""
         self._check_row(row, edits_only=True)
         old = self.settings.edits[row - 1]
         try:
@@ -486,13 +538,17 @@ class Session:
         except (ValueError, TypeError) as error:
             self.report(error)
             return False
+        selected, dropped = self.state.selected, ()
         if prompt is not None and prompt != old.prompt:
-            before = self.words(row)
-            after = self._words_of(new.prompt or self.settings.source)
-            new = dataclasses.replace(new, words=_carry(old.words, before, after))
+            head = self.settings.head
+            words, moved, dropped = _carry(old.words, tokenize_words(old.prompt or head), tokenize_words(new.prompt or head), f"edit {row}")
+            new = dataclasses.replace(new, words=words)
+            if selected is not None and selected[0] == row:
+                selected = (row, moved[selected[1]]) if selected[1] in moved else None
         edits = list(self.settings.edits)
         edits[row - 1] = new
-        return self.update(edits=tuple(edits))
+        self._settle(dataclasses.replace(self.settings, edits=tuple(edits)), selected, dropped)
+        return True
 
     def _check_row(self, row: int, edits_only: bool = False) -> None:
         low = 1 if edits_only else 0
@@ -507,9 +563,10 @@ class Session:
             return ()
 
     def words(self, row: int) -> tuple[Word, ...]:
-        """The words of a row's prompt as the model tokenises them (row 0: the source)."""
+        """The words of a row's prompt as the model tokenises them (row 0: the source; an
+        empty edited prompt: the prompt it edits, the chain's last step or the source)."""
         self._check_row(row)
-        text = self.settings.source if row == 0 else (self.settings.edits[row - 1].prompt or self.settings.source)
+        text = self.settings.source if row == 0 else (self.settings.edits[row - 1].prompt or self.settings.head)
         return self._words_of(text)
 
     def inferred_kind(self, row: int) -> str | None:
@@ -519,7 +576,7 @@ class Session:
         try:
             source = tokenize(self.pipe.tokenizer, self.settings.source)
             edit = self.settings.edits[row - 1]
-            target = tokenize(self.pipe.tokenizer, edit.prompt or self.settings.source)
+            target = tokenize(self.pipe.tokenizer, edit.prompt or self.settings.head)
         except ValueError:
             return None
         return infer_kind(source, target)
@@ -649,6 +706,17 @@ class Session:
 
         try:
             result = run(self.pipe, recipe, callback=progress, preview_every=self.preview_every, cancel=self._cancel)
+            seconds = time.perf_counter() - started
+            score, scored = None, ""
+            if back_branch is not None:
+                from ..study import cycle_score
+
+                score = cycle_score(result, back_branch)
+                scored = (
+                    f"; cycle back to step {settings.first_row_branch - 1}: PSNR {score.psnr:.1f} dB, SSIM {score.ssim:.3f} "
+                    f"(outside the edit {score.psnr_outside:.1f} dB, {score.ssim_outside:.3f})"
+                )
+            thumbnail = _thumbnail(result.images)
         except Cancelled as stopped:
             self._replace(status="cancelled", message=f"{stopped}; the pipeline is unchanged", error=None, preview=None)
             return
@@ -656,32 +724,24 @@ class Session:
             message = _readable(error)
             self._replace(status="error", error=message, message=message, preview=None)
             return
-        seconds = time.perf_counter() - started
-        number = max((e.number for e in self.state.history), default=0) + 1
-        score, scored = None, ""
-        if back_branch is not None:
-            from ..study import cycle_score
-
-            score = cycle_score(result, back_branch)
-            scored = (
-                f"; cycle back to step {settings.first_row_branch - 1}: PSNR {score.psnr:.1f} dB, SSIM {score.ssim:.3f} "
-                f"(outside the edit {score.psnr_outside:.1f} dB, {score.ssim_outside:.3f})"
+        with self._lock:
+            number = max((e.number for e in self.state.history), default=0) + 1
+            entry = Entry(number, settings, result, seconds, thumbnail, cycle=score)
+            view = _view_of(self.state.view, entry, branch=min(settings.first_row_branch, len(result.images) - 1))
+            self._replace(
+                status="done",
+                message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'}){scored}",
+                error=None,  # a finished run replaces any refusal made while it ran
+                history=(*self.state.history, entry),
+                view=view,
+                preview=None,
             )
-        entry = Entry(number, settings, result, seconds, _thumbnail(result.images), cycle=score)
-        view = _view_of(self.state.view, entry, branch=min(settings.first_row_branch, len(result.images) - 1))
-        self._replace(
-            status="done",
-            message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'}){scored}",
-            history=(*self.state.history, entry),
-            view=view,
-            preview=None,
-        )
 
     def cancel(self) -> None:
         """Stop the current run at its next step (the pipeline is restored)."""
         if self.running:
             self._cancel.set()
-            self._replace(message="cancelling...")
+            self._replace(message="cancelling...", error=None)
 
     def wait(self, timeout: float | None = None) -> State:
         """Block until the current run (if any) has finished; returns the state."""
@@ -698,6 +758,8 @@ class Session:
             if entry.number == number:
                 return entry
         numbers = ", ".join(str(e.number) for e in self.state.history) or "none yet"
+        if number is None:
+            raise ValueError(f"no run is shown yet (runs: {numbers}); click Generate first")
         raise ValueError(f"there is no run {number!r} in the history (runs: {numbers})")
 
     def restore(self, number: int) -> Entry:
@@ -743,25 +805,52 @@ class Session:
 
     def export(self, folder: str | Path, number: int | None = None) -> list[Path]:
         """Write a run's PNGs (recipe embedded) and recipe JSON, atomically; default the
-        run shown. Returns the paths."""
-        entry = self._entry(number)
-        paths = save_result(entry.result, folder, stem=f"p2p_run{entry.number}")
-        self._replace(message=f"saved {len(paths)} files to {Path(folder)}", error=None)
+        run shown. Files already there are never replaced: ``p2p_run1`` becomes
+        ``p2p_run1-2``, ... (another panel may export into the same folder). Returns the
+        paths; the status line names the files written. Raises ValueError (also shown)
+        when there is no such run or the folder cannot be written."""
+        try:
+            entry = self._entry(number)
+            if not str(folder).strip():
+                raise ValueError("no export folder given; type the folder to write the run's files to")
+            stem = f"p2p_run{entry.number}"
+            try:
+                paths = _save_new(entry.result, Path(folder), stem)
+            except OSError as error:  # a bare system message gets the folder and what to do
+                bare = str(error).startswith("[Errno") or str(Path(folder)) not in str(error)
+                text = f"cannot save run {entry.number} to {Path(folder)}: {error.strerror or error}; choose another folder"
+                raise ValueError(text if bare else str(error)) from None
+        except ValueError as error:
+            self.report(error)
+            raise
+        written = ", ".join(p.name for p in paths)
+        taken = "" if Path(paths[-1]).stem == stem else f" ({stem} was taken)"
+        self._replace(message=f"saved run {entry.number} to {Path(folder)}{taken}: {written}", error=None)
         return paths
 
     def load_recipe(self, source: str | Path | bytes, name: str = "the upload") -> tuple[str, ...]:
         """Put a recipe's settings in the inputs, from a recipe JSON or PNG file (path or
-        bytes). Returns notes on what the panel cannot show; sets ``state.error`` and
-        changes nothing when the file holds no recipe."""
+        bytes; ``name`` names bytes in messages). Returns notes on what the panel cannot
+        show (also in ``state.message``). When the file holds no recipe the panel can
+        load, raises ValueError (FileNotFoundError: no such file) with a message naming
+        the file and the problem, also set as ``state.error``; nothing else changes."""
+        is_bytes = isinstance(source, (bytes, bytearray))
+        name = name if is_bytes else str(source)
         try:
-            recipe = recipe_from_bytes(source, name) if isinstance(source, (bytes, bytearray)) else read_recipe(source)
+            if not is_bytes and not name.strip():
+                raise ValueError("no recipe file given; type the path of a recipe JSON or PNG file (e.g. p2p_run1_0.png)")
+            recipe = recipe_from_bytes(source, name) if is_bytes else read_recipe(source)
             settings, notes = Settings.from_recipe(recipe)
             if settings.size is not None and settings.size == self._default_size():
                 settings = dataclasses.replace(settings, size=None)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            self.report(error)
-            raise
-        message = "recipe loaded" + (f" ({'; '.join(notes)})" if notes else "")
+        except (ValueError, TypeError, KeyError, OSError) as error:
+            text = _os_message(error) if isinstance(error, OSError) else str(error)
+            message = text if name in text else f"{name}: {text}"  # every load error names its file
+            self.report(message)
+            raise (FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError)(message) from None
+        if recipe.model and self.model and recipe.model != self.model:
+            notes = (*notes, f"it was made with {recipe.model!r}; this panel runs {self.model!r}, so the images will differ")
+        message = f"recipe loaded from {name}" + (f" ({'; '.join(notes)})" if notes else "")
         self._replace(settings=settings, selected=None, error=None, message=message)
         return notes
 
@@ -878,6 +967,18 @@ class Session:
         return plot.tile_images(result.images, labels, tile=_display_height(result.images[0].height, _DISPLAY))
 
 
+def _save_new(result: Result, folder: Path, stem: str) -> list[Path]:
+    """:func:`save_result` that never replaces a file: the first free stem of ``stem``,
+    ``stem-2``, ... is used (another panel may export into the same folder)."""
+    if "overwrite" in inspect.signature(save_result).parameters:  # it reserves the stem atomically
+        return save_result(result, folder, stem=stem, overwrite=False)
+    for number in range(1, 10_000):  # a files.save_result without the keyword: look for a free stem here
+        candidate = stem if number == 1 else f"{stem}-{number}"
+        if not (folder / f"{candidate}.json").exists() and not glob.glob(glob.escape(str(folder / candidate)) + "_*.png"):
+            return save_result(result, folder, stem=candidate)
+    raise ValueError(f"{folder} already holds 9999 exports named {stem!r}; choose another folder")
+
+
 def _view_of(view: View, entry: Entry, branch: int) -> View:
     """The view switched to another run: the step and resolution are kept where that run
     has them (else: all steps, all resolutions)."""
@@ -909,21 +1010,45 @@ def _thumbnail(images: tuple[Image.Image, ...]) -> Image.Image:
 
 
 def _carry(
-    choices: tuple[tuple[int, WordChoice], ...], before: tuple[Word, ...], after: tuple[Word, ...]
-) -> tuple[tuple[int, WordChoice], ...]:
-    """Word choices that survive a prompt change: the word at that index has the same text."""
-    kept = []
+    choices: tuple[tuple[int, WordChoice], ...], before: tuple[Word, ...], after: tuple[Word, ...], where: str
+) -> tuple[tuple[tuple[int, WordChoice], ...], dict[int, int], tuple[str, ...]]:
+    """Word choices across a prompt change: each follows its word (same text, case
+    aside) to its new place. Returns the kept choices, the old -> new index of every
+    word that stayed, and a report of each setting dropped because its word is gone
+    (``where``: the row, e.g. "edit 1")."""
+    matcher = difflib.SequenceMatcher(None, [w.text.lower() for w in before], [w.text.lower() for w in after], autojunk=False)
+    moved = {block.a + k: block.b + k for block in matcher.get_matching_blocks() for k in range(block.size)}
+    kept, dropped = [], []
     for index, choice in choices:
-        if index < len(before) and index < len(after) and before[index].text == after[index].text:
-            kept.append((index, choice))
-    return tuple(kept)
+        if index in moved:
+            kept.append((moved[index], choice))
+            continue
+        word = repr(before[index].text) if index < len(before) else f"word {index}"
+        settings = (
+            ([f"the re-weight of {word} (x{choice.weight})"] if choice.weight != 1.0 else [])
+            + ([f"the preservation of {word}"] if choice.preserve else [])
+            + ([f"the local blend on {word}"] if choice.local else [])
+        )
+        dropped += [f"{setting} was dropped: {word} is no longer in {where}" for setting in settings]
+    return tuple(sorted(kept)), moved, tuple(dropped)
 
 
-def _keep_choices(new: Settings, old: Settings, words_of: Callable[[str], tuple[Word, ...]]) -> Settings:
-    """After a source change, edit rows that follow the source (empty prompt) keep only
-    the choices whose words are still there."""
-    before, after = words_of(old.source), words_of(new.source)
-    edits = tuple(
-        dataclasses.replace(e, words=_carry(e.words, before, after)) if not e.prompt.strip() else e for e in new.edits
-    )
-    return dataclasses.replace(new, edits=edits)
+def _keep_choices(
+    new: Settings, old: Settings, selected: tuple[int, int] | None
+) -> tuple[Settings, tuple[int, int] | None, tuple[str, ...]]:
+    """After a source (or chain) change, edit rows that follow the prompt they edit
+    (empty prompt) keep the choices whose words are still there, and the selection
+    follows its word. Returns the settings, the selection and what was dropped."""
+    rows, dropped, moves = [], [], {}
+    for row, edit in enumerate(new.edits, start=1):
+        if edit.prompt.strip():
+            rows.append(edit)
+            continue
+        words, moves[row], lost = _carry(edit.words, tokenize_words(old.head), tokenize_words(new.head), f"edit {row}")
+        rows.append(dataclasses.replace(edit, words=words))
+        dropped += lost
+    if old.source != new.source:
+        _, moves[0], _ = _carry((), tokenize_words(old.source), tokenize_words(new.source), "the source")
+    if selected is not None and selected[0] in moves:
+        selected = (selected[0], moves[selected[0]][selected[1]]) if selected[1] in moves[selected[0]] else None
+    return dataclasses.replace(new, edits=tuple(rows)), selected, tuple(dropped)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
@@ -181,8 +180,9 @@ class PanelView:
 
     # -- user -> session --------------------------------------------------------------
     def _guard(self, action):
-        """Wrap a callback: skip it while the view itself writes widgets; keep (and
-        show) any exception instead of letting ipywidgets swallow it into a log."""
+        """Wrap a callback: skip it while the view itself writes widgets; show any
+        exception in the status line (replacing any error shown before) and keep it in
+        ``errors``, instead of letting ipywidgets swallow it into a log."""
 
         def handler(*args: Any) -> None:
             if getattr(self._local, "drawing", False):
@@ -191,10 +191,7 @@ class PanelView:
                 action(*args)
             except Exception as error:  # shown in the status line, kept for tests
                 self.errors.append(f"{type(error).__name__}: {error}")
-                if self.session.state.error is None:
-                    self.session.report(error)
-                else:
-                    self._draw_status(self.session.state)
+                self.session.report(error)
 
         return handler
 
@@ -230,7 +227,7 @@ class PanelView:
         self._on_value("all_steps", lambda value: s.set_step(None if value else w["step"].value - 1))
         self._on_value("step", self._scrub)
         w["export"].on_click(self._guard(lambda _: s.export(w["folder"].value)))
-        w["load"].on_click(self._guard(lambda _: s.load_recipe(Path(w["recipe_path"].value.strip()))))
+        w["load"].on_click(self._guard(lambda _: s.load_recipe(w["recipe_path"].value.strip())))
         self._on_value("upload", self._uploaded)
 
     def _scrub(self, step: int) -> None:
@@ -287,8 +284,10 @@ class PanelView:
                     self._draw_history(state)
                 if last is None or state.view != last.view or state.history != last.history:
                     self._draw_output(state, last)
-            except Exception as error:  # a drawing bug must not take the session down
+            except Exception as error:  # a drawing bug must not take the session down, nor hide
                 self.errors.append(f"{type(error).__name__}: {error}")
+                problem = html.escape(f"the panel could not redraw ({type(error).__name__}: {error}); what it shows may be out of date")
+                self.widgets["status"].value = f"<span style='color:#b00020'>&#9888; {problem}</span>"
 
     def _set(self, name: str, value: Any) -> None:
         widget = self.widgets[name]
