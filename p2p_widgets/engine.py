@@ -127,14 +127,23 @@ def make_scheduler(pipe: Any, name: str):
     """
     import diffusers
 
+    own = type(pipe.scheduler)
     if name == "pipeline":
-        cls = type(pipe.scheduler)
+        cls = own
     else:
-        cls = getattr(diffusers, name, None)
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        compatible = {c for c in getattr(pipe.scheduler, "compatibles", []) if isinstance(c, type)} | {own}
+        known = ", ".join(sorted(c.__name__ for c in compatible))
+        backends = getattr(cls, "_backends", None)
+        if backends is not None and not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            missing = [b for b in backends if b != "torch"]
+            raise ValueError(f"{name} needs the optional package(s) {', '.join(missing)}: pip install {' '.join(missing)}")
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-            known = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []) if hasattr(c, "__name__"))
+            raise ValueError(f"{name!r} is not a diffusers scheduler; use 'pipeline' or one of: {known}")
+        if cls not in compatible:
             raise ValueError(
-                f"{name!r} is not a diffusers scheduler; use 'pipeline' or one of: {', '.join(known)}"
+                f"{name} does not sample this pipeline's model (its scheduler is {own.__name__}); "
+                f"use 'pipeline' or one of: {known}"
             )
     return cls.from_config(scheduler_config(pipe.scheduler))
 
@@ -318,6 +327,12 @@ def run(
         raise TypeError(f"run() takes a Recipe, not {type(recipe).__name__}; use edit() for prompts")
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
         raise ValueError(f"preview_every is a number of steps (0 = no preview), not {preview_every!r}")
+    if not isinstance(record, bool):
+        raise TypeError(f"record is True or False, not {record!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback is a function of a Progress, not {type(callback).__name__}")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel is a threading.Event (set it to stop the run), not {type(cancel).__name__}")
     _check_pipeline(pipe)
     unet = pipe.unet
     device = unet.device

@@ -407,6 +407,39 @@ def test_numbers_out_of_range_are_refused(sd1, earlier, case, error, message):
     assert_untouched(sd1, processors, scheduler, earlier)
 
 
+BAD_CALLS = [
+    # (edit() arguments beyond the prompts, error type, message)
+    (dict(callback="print"), TypeError, "callback is a function of a Progress"),
+    (dict(cancel="yes"), TypeError, "cancel is a threading.Event"),
+    (dict(record="no"), TypeError, "record is True or False"),
+    (dict(preview_every=-1), ValueError, "preview_every is a number of steps"),
+    (dict(latents=[1, 2]), TypeError, "latents is a torch.Tensor"),
+    (dict(record_self=(99, 1)), ValueError, "record_self is \\(step, factor\\)"),
+    (dict(scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "does not sample this pipeline's model"),
+    (dict(scheduler="UNet2DConditionModel"), ValueError, "is not a diffusers scheduler"),
+    (dict(height=31), ValueError, "not a multiple of"),
+    (dict(negative_prompt=5), TypeError, "negative_prompt is a string"),
+    (dict(stepz=3), TypeError, "unknown setting"),
+]
+
+
+@pytest.mark.parametrize("options, error, message", BAD_CALLS, ids=[str(i) for i in range(len(BAD_CALLS))])
+def test_bad_run_options_are_refused_before_the_pipeline_is_touched(sd1, earlier, options, error, message):
+    processors, scheduler = processors_of(sd1), scheduler_state(sd1)
+    with pytest.raises(error, match=message):
+        edit(sd1, "a cat", "a dog", **{"steps": 2, **options})
+    assert_untouched(sd1, processors, scheduler, earlier)
+
+
+def test_a_scheduler_that_needs_a_missing_package_says_which(sd1, monkeypatch):
+    class Dummy:  # what diffusers exports for a scheduler whose optional package is missing
+        _backends = ["torch", "torchsde"]
+
+    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", Dummy)
+    with pytest.raises(ValueError, match="needs the optional package\\(s\\) torchsde: pip install torchsde"):
+        edit(sd1, "a cat", steps=2, scheduler="DPMSolverSDEScheduler")
+
+
 def test_the_largest_seed_runs(sd1):
     assert edit(sd1, "a cat", steps=1, seed=2**63 - 1, eta=1.0).images  # seed + 1 seeds the scheduler's noise
 
