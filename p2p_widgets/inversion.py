@@ -55,12 +55,15 @@ from .engine import (
     Result,
     _decode,
     check_multiple,
+    check_steps,
     edit,
     embeddings,
+    estimate_run,
     is_guided,
     make_scheduler,
     vae_factor,
 )
+from .memory import MemoryEstimate
 
 __all__ = ["Inversion", "invert", "restore_outside", "encode_image", "METHODS", "PreparedImage", "prepare_image", "MAX_PIXELS"]
 
@@ -596,6 +599,8 @@ def invert(
     height, width = prepared.image.height, prepared.image.width
     recipe = Recipe(prompt, steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler)
     branches = plan_branches(recipe, pipe.tokenizer)  # the prompt, tokenised as the edits will be
+    check_steps(sampler, steps)
+    _estimate(pipe, branches, method, steps, (height, width)).check("use fewer steps or a smaller size")
     notes = list(prepared.notes)
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
@@ -633,6 +638,24 @@ def invert(
         notes=tuple(notes),
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _estimate(pipe: Any, branches: Any, method: str, steps: int, size: tuple[int, int]) -> MemoryEstimate:
+    """An inversion's memory: a guided one-branch run's, plus the trajectory (x_0 .. x_T),
+    the per-step unconditional embeddings and, for null-text, the UNet's activations kept
+    for the gradient (about three times the forward pass's)."""
+    run = estimate_run(pipe, branches, steps, size, True, record=False)
+    factor = vae_factor(pipe)
+    latent = pipe.unet.config.in_channels * (size[0] // factor) * (size[1] // factor) * 4
+    parts = dict(run.on_device)
+    parts["trajectory"] = (steps + 1) * latent * 2
+    if method == "null-text":
+        prompt = branches[0].prompt
+        width = getattr(pipe.text_encoder.config, "hidden_size", 768)
+        parts["unconditional embeddings"] = steps * prompt.max_length * width * 4 * 3  # value, Adam's two moments
+        parts["activations for the gradient"] = 3 * parts["UNet activations"]
+    what = f"this inversion ({method}, {steps} steps, {size[0]}x{size[1]} pixels)"
+    return MemoryEstimate(what, pipe.unet.device, tuple(parts.items()), (("trajectory (host copy)", (steps + 1) * latent),))
 
 
 def _alpha(sampler: Any, timestep: int) -> torch.Tensor:

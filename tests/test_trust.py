@@ -549,3 +549,30 @@ def test_a_long_prompt_is_refused_before_its_tokens_are_mapped_to_words(sd1, mon
 def test_available_memory_is_known_on_this_machine():
     free = available_memory("cpu")
     assert free is None or free > 0
+
+
+@pytest.mark.parametrize("method", ["ddim", "null-text"])
+def test_an_inversion_over_the_free_memory_is_refused_before_encoding(sd1, earlier, monkeypatch, method):
+    import p2p_widgets.inversion as inversion
+
+    processors, scheduler = processors_of(sd1), scheduler_state(sd1)
+    image = earlier[0].images[0]
+    needed = inversion._estimate(sd1, inversion.plan_branches(Recipe("a red cat", steps=3), sd1.tokenizer), method, 3, (32, 32))
+    monkeypatch.setattr("p2p_widgets.memory.available_memory", lambda device: needed.device_bytes - 1)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the image was encoded before the memory check")
+
+    monkeypatch.setattr(inversion, "encode_image", no_encoding)
+    with pytest.raises(NotEnoughMemory, match=f"this inversion \\({method}, 3 steps, 32x32 pixels\\) needs about"):
+        invert(sd1, image, "a red cat", method, steps=3)
+    assert_untouched(sd1, processors, scheduler, earlier)
+
+
+def test_null_text_needs_more_memory_than_ddim_inversion(sd1):
+    import p2p_widgets.inversion as inversion
+
+    branches = inversion.plan_branches(Recipe("a red cat", steps=10), sd1.tokenizer)
+    ddim = inversion._estimate(sd1, branches, "ddim", 10, (32, 32))
+    null = inversion._estimate(sd1, branches, "null-text", 10, (32, 32))
+    assert null.device_bytes > ddim.device_bytes > 0
