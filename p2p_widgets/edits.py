@@ -102,7 +102,13 @@ class Window:
         return cls(0.0, _fraction(value, "a window"))
 
     def steps(self, total: int) -> range:
-        """The step indices inside the window for a run of ``total`` steps."""
+        """The step indices inside the window for a run of ``total`` steps:
+        ``floor(start * total)`` to ``floor(end * total)``, end excluded.
+
+        The official code ends its cross-attention windows at ``int(end * (total + 1))``
+        (self-attention windows as here): one step more whenever ``end * total`` has a
+        fraction of at least ``1 - end``; for cross 0.8 at every step count that is not a
+        multiple of 5 (its notebooks use 50, where both give steps 0..39)."""
         # A small epsilon so that e.g. 0.29 * 100 is 29 steps, not 28.
         return range(math.floor(self.start * total + 1e-9), math.floor(self.end * total + 1e-9))
 

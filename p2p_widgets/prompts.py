@@ -19,6 +19,10 @@ another:
   end-of-text token.
 * **refine** (adding words): a longest-common-subsequence alignment of the words;
   matched words map token to token, new words map to nothing and keep their own maps.
+  End-of-text and padding stay aligned from the end-of-text token, as in a swap. (A
+  deliberate difference from the official code, whose refinement mapper aligns padding
+  position by position: when words are removed, it maps the target's end-of-text and
+  padding onto the source's last real words.)
 
 All functions here are pure: they take a tokenizer and strings, never a model.
 """

@@ -3,8 +3,15 @@
 For every branch and step the record keeps the cross-attention probabilities of the
 conditional half, averaged over heads and over the layers of each resolution, for the
 prompt's real tokens (begin-of-text to end-of-text), as fp16 on the CPU. These are the
-maps each branch *computed* (before any injection or re-weighting replaced them), as in
-the official code, so a target's map of a swapped word shows where that word attends.
+maps each branch *computed*, before any injection or re-weighting replaced them, so a
+target's map of a swapped word shows where that word attends; local blending's masks come
+from the same maps.
+
+A deliberate difference from the official code: its edit controllers store the tensor
+they then edit in place, so by aliasing its record holds a target's maps *after*
+injection, and its local blending works on the injected maps (inside the cross window a
+target's "tiger" mask is the source's "cat" map carried over). Here a target's record and
+blend mask are its own, inside the window too; after the window the two agree.
 """
 
 from __future__ import annotations

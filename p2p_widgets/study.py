@@ -78,7 +78,15 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "literature": Preset("literature", 0.3, 0.8, 0.2, "the official code's values (k 0.3, cross 0.8, self 0.2)"),
+    "literature": Preset(
+        "literature",
+        0.3,
+        0.8,
+        0.2,
+        "the official code's values (k 0.3, cross 0.8, self 0.2); its cross window ends at "
+        "int(0.8 * (steps + 1)), here at floor(0.8 * steps): the same at multiples of 5 steps "
+        "(its 50), one step shorter at every other count",
+    ),
     "optimised": Preset("optimised", 0.0, 0.2, 0.8, "the CL P2P report's values for faces and hair (k 0, cross 0.2, self 0.8)"),
 }
 
