@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
-import inspect
 import io
 import math
 import random
@@ -815,7 +813,7 @@ class Session:
                 raise ValueError("no export folder given; type the folder to write the run's files to")
             stem = f"p2p_run{entry.number}"
             try:
-                paths = _save_new(entry.result, Path(folder), stem)
+                paths = save_result(entry.result, folder, stem=stem, overwrite=False)  # a free stem, reserved
             except OSError as error:  # a bare system message gets the folder and what to do
                 bare = str(error).startswith("[Errno") or str(Path(folder)) not in str(error)
                 text = f"cannot save run {entry.number} to {Path(folder)}: {error.strerror or error}; choose another folder"
@@ -965,18 +963,6 @@ class Session:
             f'{kind} {i}: "{prompt}"' for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
         ]
         return plot.tile_images(result.images, labels, tile=_display_height(result.images[0].height, _DISPLAY))
-
-
-def _save_new(result: Result, folder: Path, stem: str) -> list[Path]:
-    """:func:`save_result` that never replaces a file: the first free stem of ``stem``,
-    ``stem-2``, ... is used (another panel may export into the same folder)."""
-    if "overwrite" in inspect.signature(save_result).parameters:  # it reserves the stem atomically
-        return save_result(result, folder, stem=stem, overwrite=False)
-    for number in range(1, 10_000):  # a files.save_result without the keyword: look for a free stem here
-        candidate = stem if number == 1 else f"{stem}-{number}"
-        if not (folder / f"{candidate}.json").exists() and not glob.glob(glob.escape(str(folder / candidate)) + "_*.png"):
-            return save_result(result, folder, stem=candidate)
-    raise ValueError(f"{folder} already holds 9999 exports named {stem!r}; choose another folder")
 
 
 def _view_of(view: View, entry: Entry, branch: int) -> View:
