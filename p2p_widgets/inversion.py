@@ -39,6 +39,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -506,17 +507,34 @@ def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, predict
     raise ValueError(f"cannot invert a model predicting {prediction_type!r} (epsilon, v_prediction or sample)")
 
 
+_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list]]" = weakref.WeakKeyDictionary()
+_FROZEN_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _frozen(module: torch.nn.Module):
-    """No parameter of ``module`` requires gradients inside; the flags are restored after."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
+    """No parameter of ``module`` requires gradients inside; the flags are restored after.
+
+    Reference-counted per module: two inversions at once (two threads) freeze it once and
+    the last to finish restores the flags as they were before the first."""
+    with _FROZEN_LOCK:
+        count, flags = _FROZEN.get(module, (0, None))
+        if count == 0:
+            flags = [(p, p.requires_grad) for p in module.parameters()]
+            for p, _ in flags:
+                p.requires_grad_(False)
+        _FROZEN[module] = (count + 1, flags)
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        with _FROZEN_LOCK:
+            count, flags = _FROZEN[module]
+            if count == 1:
+                del _FROZEN[module]
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+            else:
+                _FROZEN[module] = (count - 1, flags)
 
 
 def _check(method: str, steps: Any, guidance: Any, inner_steps: Any) -> None:

@@ -576,3 +576,28 @@ def test_null_text_needs_more_memory_than_ddim_inversion(sd1):
     ddim = inversion._estimate(sd1, branches, "ddim", 10, (32, 32))
     null = inversion._estimate(sd1, branches, "null-text", 10, (32, 32))
     assert null.device_bytes > ddim.device_bytes > 0
+
+
+def test_two_null_text_inversions_at_once_restore_the_unets_gradient_flags(sd1):
+    image = edit(sd1, "a red cat", steps=2).images[0]
+    flags = [p.requires_grad for p in sd1.unet.parameters()]
+    alone = invert(sd1, image, "a red cat", "null-text", steps=2, inner_steps=2)
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(index):
+        try:
+            barrier.wait(JOIN)
+            results[index] = invert(sd1, image, "a red cat", "null-text", steps=2, inner_steps=2)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert [p.requires_grad for p in sd1.unet.parameters()] == flags
+    for result in results:
+        torch.testing.assert_close(result.unconditional, alone.unconditional)
