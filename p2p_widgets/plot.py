@@ -370,8 +370,8 @@ def difference(result: Any, branch: int = 1, against: int | None = None, gain: f
         against = branches[branch].parent if branches is not None and branch > 0 else 0
     if not _is_int(against) or not 0 <= against < count:
         raise ValueError(f"against={against!r} does not exist; this run has branches 0..{count - 1}")
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or gain <= 0:
-        raise ValueError(f"gain multiplies the difference and is positive, not {gain!r}")
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < float("inf"):
+        raise ValueError(f"gain multiplies the difference and is a positive finite number, not {gain!r}")
     first = np.asarray(images[int(branch)].convert("RGB"), dtype=np.float32)
     second = np.asarray(images[int(against)].convert("RGB"), dtype=np.float32)
     change = np.clip(np.abs(first - second) * gain, 0, 255).round().astype(np.uint8)
@@ -398,6 +398,8 @@ def gallery(result: Any, columns: int | None = None) -> Tiles:
     branches = getattr(result, "branches", None)
     if branches is None:
         raise TypeError(f"expected a run's Result (from p2p_widgets.run or edit), not {type(result).__name__}")
+    if columns is not None and (not _is_int(columns) or columns < 1):
+        raise ValueError(f"columns is the number of pictures per row (1 or more), or None for one row; not {columns!r}")
     labels = tuple(
         f'{"source" if index == 0 else branch.kind}: "{branch.prompt.text}"' for index, branch in enumerate(branches)
     )

@@ -601,3 +601,22 @@ def test_two_null_text_inversions_at_once_restore_the_unets_gradient_flags(sd1):
     assert [p.requires_grad for p in sd1.unet.parameters()] == flags
     for result in results:
         torch.testing.assert_close(result.unconditional, alone.unconditional)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda r: __import__("p2p_widgets").plot.difference(r, 1, gain=float("nan")), "positive finite number"),
+        (lambda r: __import__("p2p_widgets").plot.difference(r, 1, gain=float("inf")), "positive finite number"),
+        (lambda r: __import__("p2p_widgets").plot.gallery(r, columns=0), "pictures per row"),
+        (lambda r: __import__("p2p_widgets").plot.gallery(r, columns=-2), "pictures per row"),
+        (lambda r: r.attention.word_map(5, "cat"), "branch 5 does not exist"),
+        (lambda r: r.attention.word_map(0, "cat", steps=(2, 1)), "selects no step"),
+        (lambda r: r.attention.word_map(0, "cat", factor=3), "no cross-attention was recorded at factor 3"),
+    ],
+)
+def test_bad_picture_and_record_arguments_are_refused(earlier, call, message):
+    result, images, latents = earlier
+    with pytest.raises(ValueError, match=message):
+        call(result)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(result.images), images))
