@@ -17,9 +17,10 @@ __version__ = "0.1.0.dev0"
 
 from .control import Branch, Controller, plan_branches
 from .edits import CrossWindow, LocalBlend, Recipe, Target, Window
-from .engine import Cancelled, Progress, Result, edit, run
+from .engine import Cancelled, NotFinite, Progress, Result, edit, run
 from .files import read_recipe, save_result
 from .inversion import Inversion, invert, restore_outside
+from .memory import NotEnoughMemory
 from .prompts import Alignment, Prompt, Word, align, infer_kind, tokenize
 from .record import AttentionRecord, Heatmaps, Maps, normalize
 
@@ -35,6 +36,8 @@ __all__ = [
     "Result",
     "Progress",
     "Cancelled",
+    "NotFinite",
+    "NotEnoughMemory",
     "AttentionRecord",
     "Heatmaps",
     "Maps",
