@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping, Union
 
@@ -449,6 +450,8 @@ class Recipe:
             raise TypeError(f"negative_prompt is a string, not {type(self.negative_prompt).__name__}")
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise TypeError(f"scheduler is a diffusers scheduler class name or 'pipeline', not {self.scheduler!r}")
+        if isinstance(self.model, os.PathLike):  # a folder: recorded as its path's text
+            object.__setattr__(self, "model", os.fspath(self.model))
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model is a hub id or a folder (text) or None, not {self.model!r}")
         if not isinstance(self.version, str):
