@@ -2,6 +2,8 @@ import matplotlib
 
 matplotlib.use("agg")
 
+import threading
+
 import pytest
 import torch
 
@@ -43,3 +45,23 @@ def shapes():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         return load_pipeline("shapes")
+
+
+def within(seconds, function, *args):
+    """``function(*args)`` in a thread; fail (instead of hanging the suite) if it takes
+    longer than ``seconds``. Returns its value or raises its exception (SystemExit too)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -1,10 +1,15 @@
 """The command line, as the README's Quick start uses it."""
 
+import errno
 import os
+import stat
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from p2p_widgets import read_recipe
+from conftest import within
+from p2p_widgets import Recipe, read_recipe
 from p2p_widgets.__main__ import main
 
 
@@ -65,36 +70,7 @@ def test_unknown_options_of_edit_are_refused(capsys):
 
 # -- every failure: exit 2, one line "error: ...", nothing written, no traceback -------------
 
-import errno
-import stat
-import sys
-import threading
-from pathlib import Path
-
-import pytest
-
-from p2p_widgets import Recipe
-
 RECIPE = Recipe("a cat riding a bicycle", ("a dog riding a bicycle",), steps=2)
-
-
-def within(seconds, function, *args):
-    """``function(*args)`` in a thread; fail instead of hanging if it takes longer."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as error:  # SystemExit included: handed to the test thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def cli(argv, capsys):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
+from conftest import within
 from p2p_widgets import Recipe, edit, files
 from p2p_widgets.files import RECIPE_KEY, read_recipe, recipe_from_bytes, save_result
 
@@ -32,26 +33,6 @@ def result(sd1):
 def four(sd1):
     """A run with four images (a source and three targets)."""
     return edit(sd1, "a cat", "a dog", "a cow", "a fox", steps=2)
-
-
-def within(seconds, function, *args):
-    """``function(*args)`` in a thread; fail (instead of hanging the suite) if it takes
-    longer than ``seconds``. Returns its value or raises its exception."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as error:  # handed to the test thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
