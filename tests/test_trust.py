@@ -528,11 +528,10 @@ def test_a_sweep_splits_its_passes_when_the_estimate_refuses_them(sd1, monkeypat
     monkeypatch.setattr(engine_module, "run", counting)
     split = sweep(sd1, "a red cat", "a blue cat", **grid)
     assert max(done) <= 4 and sum(done) == 12  # 6 points x 2 branches, in passes that fit
-    assert len(split.rows) == len(whole.rows)
-    for a, b in zip(split.rows, whole.rows):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=0.05), key
+    settings = ("cross", "self_attn", "k", "values")
+    assert [[r[k] for k in settings] for r in split.rows] == [[r[k] for k in settings] for r in whole.rows]
+    for a, b in zip(split.edited + split.returned, whole.edited + whole.returned):  # batch sizes differ: rounding
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
 
 
 def test_a_long_prompt_is_refused_before_its_tokens_are_mapped_to_words(sd1, monkeypatch):
