@@ -360,8 +360,10 @@ def run(
     check_steps(scheduler, recipe.steps)
     if inversion is not None:
         _check_inversion(inversion, recipe, scheduler, (height, width), latents)
+    scheduler.set_timesteps(recipe.steps)  # on the CPU: how many steps it samples (Heun: 2 * steps - 1)
+    sampled = len(scheduler.timesteps)
     estimate_run(
-        pipe, branches, recipe.steps, (height, width), is_guided(pipe, recipe.guidance), record, record_self, places
+        pipe, branches, sampled, (height, width), is_guided(pipe, recipe.guidance), record, record_self, places
     ).check("use fewer steps, a smaller size or fewer targets (or record=False)")
     if inversion is not None:
         latents = inversion.trajectory[-1:]
