@@ -187,14 +187,21 @@ def _private_backend(tokenizer):
     if backend is None:
         return None
     with _PRIVATE_LOCK:
-        private = _PRIVATE.get(tokenizer)
+        try:
+            private = _PRIVATE.get(tokenizer)
+        except TypeError:  # a tokenizer class that cannot be a weak key: a copy per call
+            return _copy_backend(backend)
         if private is None:
-            from tokenizers import Tokenizer
+            private = _PRIVATE[tokenizer] = _copy_backend(backend)
+    return private
 
-            private = Tokenizer.from_str(backend.to_str())
-            private.no_padding()
-            private.no_truncation()
-            _PRIVATE[tokenizer] = private
+
+def _copy_backend(backend):
+    from tokenizers import Tokenizer
+
+    private = Tokenizer.from_str(backend.to_str())
+    private.no_padding()
+    private.no_truncation()
     return private
 
 
