@@ -19,6 +19,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -97,17 +98,28 @@ def save_result(
     reserved = _reserve_stem(folder, stem) if not overwrite else None
     stem = reserved.name[: -len(".json")] if reserved is not None else stem
     targets = [folder / f"{stem}_{index}.png" for index in range(len(images))] + [folder / f"{stem}.json"]
-    try:
-        if overwrite:
-            for target in targets:
-                _check_replaceable(target)
-        _write_set(folder, targets, contents, replace=targets if overwrite else [reserved])
-    except BaseException:
-        if reserved is not None:
-            reserved.unlink(missing_ok=True)
-        raise
-    _remove_stale(folder, _numbered(stem), len(images))
+    with _stem_lock(folder, stem):  # two savers of one stem in this process: one set after the other, never mixed
+        try:
+            if overwrite:
+                for target in targets:
+                    _check_replaceable(target)
+            _write_set(folder, targets, contents, replace=targets if overwrite else [reserved])
+        except BaseException:
+            if reserved is not None:
+                reserved.unlink(missing_ok=True)
+            raise
+        _remove_stale(folder, _numbered(stem), len(images))
     return targets
+
+
+_STEM_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_STEM_LOCKS_LOCK = threading.Lock()
+
+
+def _stem_lock(folder: Path, stem: str) -> threading.Lock:
+    key = (os.path.realpath(folder), stem)
+    with _STEM_LOCKS_LOCK:
+        return _STEM_LOCKS.setdefault(key, threading.Lock())
 
 
 def _save_pictures(result: Result, folder: Path, pictures: dict[str, Image.Image]) -> list[Path]:

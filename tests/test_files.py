@@ -449,3 +449,37 @@ def test_concurrent_saves_without_overwrite_never_collide(result, tmp_path):
     for paths in outcomes:
         assert len(paths) == 3 and all(read_recipe(p) == result.recipe for p in paths)
     assert len(list(tmp_path.iterdir())) == 3 * count  # no temporaries, no reservations
+
+
+def test_concurrent_overwriting_saves_of_one_stem_leave_one_whole_set(result, four, tmp_path, monkeypatch):
+    import time
+
+    move = files._move
+
+    def slow_move(*args, **kwargs):  # widen the window between a set's renames, where savers interleave
+        time.sleep(0.02)
+        return move(*args, **kwargs)
+
+    monkeypatch.setattr(files, "_move", slow_move)
+    count = 8
+    barrier = threading.Barrier(count)
+    errors: list = []
+    runs = [result if index % 2 else four for index in range(count)]  # 2 and 4 images, different recipes
+
+    def save(index):
+        barrier.wait()
+        try:
+            save_result(runs[index], tmp_path, stem="p2p")
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    recipe = read_recipe(tmp_path / "p2p.json")
+    pngs = sorted(p.name for p in tmp_path.glob("p2p_*.png"))
+    assert pngs == [f"p2p_{k}.png" for k in range(len(recipe.prompts))]  # the last set whole, no stale image
+    assert all(read_recipe(tmp_path / name) == recipe for name in pngs)  # never mixed with another set
