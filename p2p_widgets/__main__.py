@@ -184,30 +184,15 @@ def _edit(args: argparse.Namespace, saved: list[Path]) -> None:
 
 def _check_device(name: str | None) -> str | None:
     """The device, if it exists on this machine; a CliError that says what to use if not."""
-    if name is None:
-        return None
-    import torch
+    from .models import check_device
 
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise CliError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps, or drop --device (the CPU)") from None
-    if device.type == "cpu":
-        return name
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CliError(
-                f"--device {name}: there is no GPU on this machine (torch.cuda.is_available() is False); "
-                "drop --device or use --device cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise CliError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-        return name
-    backend = getattr(torch.backends, device.type, None) if device.type == "mps" else getattr(torch, device.type, None)
-    available = getattr(backend, "is_available", None)
-    if not callable(available) or not available():
-        raise CliError(f"--device {name}: {device.type} is not available on this machine; drop --device or use --device cpu")
+        check_device(name)
+    except ValueError as error:
+        reason = str(error).split(": ", 1)[-1] if str(error).startswith("device ") else str(error)
+        if reason.startswith("unknown device"):
+            raise CliError(f"{reason}, or drop --device (the CPU)") from None
+        raise CliError(f"--device {name}: {reason.removesuffix('; use cpu')}; drop --device or use --device cpu") from None
     return name
 
 

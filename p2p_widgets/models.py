@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-__all__ = ["load_pipeline", "model_name", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
+__all__ = ["load_pipeline", "check_device", "model_name", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
 
 BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2"}
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
@@ -36,6 +36,9 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"give a model name: shapes, {', '.join(BUILT_IN)}, a folder, or a hub id; not {name!r}")
+    check_device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype is a torch dtype such as torch.float16 or torch.float32, not {dtype!r}")
     if name == "shapes":
         if not (SHAPES_WEIGHTS / "model_index.json").exists():
             raise FileNotFoundError(
@@ -53,15 +56,64 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         if local:  # a folder: never ask the hub
             name = str(Path(name).expanduser())
             options["local_files_only"] = True
+            if not (Path(name) / "model_index.json").is_file():
+                raise ValueError(
+                    f"{name} is not a diffusers pipeline folder (it has no model_index.json); give a folder "
+                    "written by pipe.save_pretrained(...), or a hub id"
+                )
+        elif _looks_like_a_path(name):
+            raise FileNotFoundError(f"no such model folder: {name}; give an existing folder, a hub id, or a built-in name")
         options.update(kwargs)
         if dtype is not None:
             options["torch_dtype"] = dtype
         with _quiet(local):
             from diffusers import StableDiffusionPipeline  # its first import is where transformers warns
 
-            pipe = StableDiffusionPipeline.from_pretrained(name, **options)
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(name, **options)
+            except OSError as error:  # not cached and no network, no such repository, a broken folder
+                where = "the folder" if local else "the hub model (not in the local cache, or the hub unreachable?)"
+                raise OSError(
+                    f"cannot load {where} {name}: {' '.join(str(error).split())[:300]}; check the name, "
+                    "or download it once where there is a network, or give a local folder"
+                ) from None
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that can only be a folder (a hub id is ``owner/name``, nothing more)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` if this machine has it (None stays None).
+
+    Raises:
+        ValueError: an unknown device, or one this machine does not have, saying what to use.
+    """
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: there is no GPU on this machine (torch.cuda.is_available() is False); use cpu"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return parsed
+    backend = getattr(torch.backends, parsed.type, None) if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"device {device!r}: {parsed.type} is not available on this machine; use cpu")
+    return parsed
 
 
 def model_name(pipe: Any) -> str | None:

@@ -72,3 +72,28 @@ def test_loading_a_folder_is_quiet_and_leaves_logging_as_it_was(sd1, tmp_path, c
     load_pipeline(str(tmp_path))
     assert "Loading" not in capfd.readouterr().err  # no progress bars
     assert [(m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)] == before
+
+
+@pytest.mark.parametrize(
+    "name, options, error, message",
+    [
+        (5, {}, ValueError, "give a model name"),
+        ("", {}, ValueError, "give a model name"),
+        ("/nonexistent/model", {}, FileNotFoundError, "no such model folder: /nonexistent/model"),
+        ("./not/here/either", {}, FileNotFoundError, "no such model folder"),
+        ("someone/not-a-model", {}, OSError, "cannot load the hub model .* someone/not-a-model"),
+        ("tiny", {"dtype": "float16"}, TypeError, "dtype is a torch dtype"),
+        ("tiny", {"device": "banana"}, ValueError, "unknown device 'banana'"),
+        ("tiny", {"device": "cuda:7"}, ValueError, "there is no GPU|this machine has"),
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_refused_by_name(monkeypatch, name, options, error, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network, in tests
+    with pytest.raises(error, match=message):
+        load_pipeline(name, **options)
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
