@@ -260,18 +260,23 @@ def _load(model: str, device: str | None) -> Any:
             return load_pipeline(model, device=device)
     except (KeyboardInterrupt, CliError):
         raise
+    except (OSError, ValueError, TypeError) as error:
+        if str(error).startswith(("could not load the model", "no such model folder", "unknown device", "device ", "dtype ")):
+            raise CliError(_brief(error)) from None  # load_pipeline's own message says what to do
+        raise CliError(f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}") from None
     except Exception as error:
-        reason = f"{type(error).__name__}: {_brief(error)}"
-        if model in BUILT_IN_MODELS:
-            advice = ""
-        elif Path(model).expanduser().exists():
-            advice = "; it must be a diffusers pipeline folder (written by save_pretrained, with a model_index.json)"
-        else:
-            advice = (
-                "; it is not in the local Hugging Face cache and could not be downloaded: check the hub id and the "
-                "network, or pass a local folder with --model"
-            )
-        raise CliError(f"could not load the model {model} ({reason}){advice}") from None
+        raise CliError(f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}") from None
+
+
+def _advice(model: str) -> str:
+    if model in BUILT_IN_MODELS:
+        return ""
+    if Path(model).expanduser().exists():
+        return "; it must be a diffusers pipeline folder (written by save_pretrained, with a model_index.json)"
+    return (
+        "; it is not in the local Hugging Face cache and could not be downloaded: check the hub id and the "
+        "network, or pass a local folder with --model"
+    )
 
 
 @contextmanager

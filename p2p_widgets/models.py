@@ -72,10 +72,13 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(name, **options)
             except OSError as error:  # not cached and no network, no such repository, a broken folder
-                where = "the folder" if local else "the hub model (not in the local cache, or the hub unreachable?)"
+                detail = " ".join(str(error).split())[:200]
+                if local:
+                    raise OSError(f"could not load the model folder {name}: it is incomplete or broken ({detail})") from None
                 raise OSError(
-                    f"cannot load {where} {name}: {' '.join(str(error).split())[:300]}; check the name, "
-                    "or download it once where there is a network, or give a local folder"
+                    f"could not load the model {name}: it is not in the local Hugging Face cache and could not be "
+                    f"downloaded (no network, or no such hub id); check the id and the network, or give a local "
+                    f"folder ({detail})"
                 ) from None
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
