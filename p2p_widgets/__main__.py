@@ -187,12 +187,9 @@ def _check_device(name: str | None) -> str | None:
     from .models import check_device
 
     try:
-        check_device(name)
+        check_device(name, what=f"--device {name}", fix="drop --device or use --device cpu")
     except ValueError as error:
-        reason = str(error).split(": ", 1)[-1] if str(error).startswith("device ") else str(error)
-        if reason.startswith("unknown device"):
-            raise CliError(f"{reason}, or drop --device (the CPU)") from None
-        raise CliError(f"--device {name}: {reason.removesuffix('; use cpu')}; drop --device or use --device cpu") from None
+        raise CliError(str(error)) from None
     return name
 
 

@@ -130,9 +130,9 @@ class CrossWindow:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "default", Window.parse(self.default))
-        words = self.words.items() if isinstance(self.words, Mapping) else self.words
-        if not isinstance(words, (tuple, list)) and not isinstance(self.words, Mapping):
+        if not isinstance(self.words, (Mapping, tuple, list)):
             raise TypeError(f"per-word windows are (word, window) pairs, not {self.words!r}")
+        words = self.words.items() if isinstance(self.words, Mapping) else self.words
         parsed = []
         for pair in words:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -295,9 +295,9 @@ class Target:
         object.__setattr__(self, "value_beta", float(beta))
         if self.reweight_window is not None:
             object.__setattr__(self, "reweight_window", Window.parse(self.reweight_window))
-        pairs = self.reweight.items() if isinstance(self.reweight, Mapping) else self.reweight
-        if not isinstance(pairs, (tuple, list)) and not isinstance(self.reweight, Mapping):
+        if not isinstance(self.reweight, (Mapping, tuple, list)):
             raise TypeError(f'reweight maps words to weights, e.g. {{"cat": 2.0}}, not {self.reweight!r}')
+        pairs = self.reweight.items() if isinstance(self.reweight, Mapping) else self.reweight
         weights = []
         for pair in pairs:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -563,25 +563,17 @@ def _check_version(version: Any) -> None:
         return
     if not isinstance(version, str):
         raise ValueError(f'"version" is the p2p_widgets version that wrote the recipe (text), not {version!r}')
+    from packaging.version import InvalidVersion, Version
+
     try:
-        written, ours = _release(version), _release(__version__)
-    except ValueError:
+        written = Version(version)
+    except InvalidVersion:
         raise ValueError(f'"version" {version!r} is not a p2p_widgets version number (e.g. "0.1.0")') from None
-    if written > ours:
+    if written > Version(__version__):
         raise ValueError(
             f"this recipe was written by p2p_widgets {version}, newer than this one ({__version__}); "
             "upgrade to re-run it: pip install -U p2p-widgets"
         )
-
-
-def _release(version: str) -> tuple:
-    """A sortable form of a version such as "0.1.0", "0.2.0rc1" or "0.1.0.dev0" (PEP 440)."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (Version(version),)
-    except InvalidVersion:
-        raise ValueError(version) from None
 
 
 def _kind(value: Any) -> str:

@@ -360,10 +360,11 @@ def run(
     check_steps(scheduler, recipe.steps)
     if inversion is not None:
         _check_inversion(inversion, recipe, scheduler, (height, width), latents)
-    scheduler.set_timesteps(recipe.steps)  # on the CPU: how many steps it samples (Heun: 2 * steps - 1)
-    sampled = len(scheduler.timesteps)
+    # The schedule, set before the memory check: Heun samples 2 * steps - 1 steps.
+    scheduler.set_timesteps(recipe.steps, device=device)
+    timesteps = scheduler.timesteps
     estimate_run(
-        pipe, branches, sampled, (height, width), is_guided(pipe, recipe.guidance), record, record_self, places
+        pipe, branches, len(timesteps), (height, width), is_guided(pipe, recipe.guidance), record, record_self, places
     ).check("use fewer steps, a smaller size or fewer targets (or record=False)")
     if inversion is not None:
         latents = inversion.trajectory[-1:]
@@ -396,9 +397,7 @@ def run(
                 per_step = inversion.unconditional.to(device=device, dtype=text.dtype)
             elif guided and inversion.method == "negative-prompt":
                 text = torch.cat([text[count : count + 1].expand(count, -1, -1), text[count:]])
-        # 2. The schedule, and x_T shared by every branch (the paper: same seed for all).
-        scheduler.set_timesteps(recipe.steps, device=device)
-        timesteps = scheduler.timesteps
+        # 2. x_T shared by every branch (the paper: same seed for all), on the schedule set above.
         x = latents.to(device=device, dtype=text.dtype).expand(count, -1, -1, -1) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, recipe.eta, recipe.seed)
         controller = Controller(

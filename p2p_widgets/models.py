@@ -89,14 +89,18 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def check_device(device: Any) -> torch.device | None:
+def check_device(device: Any, *, what: str | None = None, fix: str = "use cpu") -> torch.device | None:
     """``device`` as a ``torch.device`` if this machine has it (None stays None).
+
+    ``what`` names the device in messages (default ``device 'cuda'``); ``fix`` says what
+    to do instead (the CLI: "drop --device or use --device cpu").
 
     Raises:
         ValueError: an unknown device, or one this machine does not have, saying what to use.
     """
     if device is None:
         return None
+    what = what or f"device {device!r}"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
@@ -105,17 +109,15 @@ def check_device(device: Any) -> torch.device | None:
         return parsed
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {device!r}: there is no GPU on this machine (torch.cuda.is_available() is False); use cpu"
-            )
+            raise ValueError(f"{what}: there is no GPU on this machine (torch.cuda.is_available() is False); {fix}")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ValueError(f"{what}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
         return parsed
     backend = getattr(torch.backends, parsed.type, None) if parsed.type == "mps" else getattr(torch, parsed.type, None)
     available = getattr(backend, "is_available", None)
     if not callable(available) or not available():
-        raise ValueError(f"device {device!r}: {parsed.type} is not available on this machine; use cpu")
+        raise ValueError(f"{what}: {parsed.type} is not available on this machine; {fix}")
     return parsed
 
 
