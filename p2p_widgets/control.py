@@ -1,9 +1,10 @@
 """The controller: for every step and layer, what each branch's attention becomes.
 
-The engine tells the controller which step it is on (``begin_step``) and hands it the
-latents after each scheduler step (``end_step``, where local blending happens). The
+The engine tells the controller which step it is on (``begin_step``, ``end_step``). The
 attention processors ask it, per layer, whose queries and keys a branch uses in
-self-attention, and give it the cross-attention probabilities to record and edit.
+self-attention, and give it the cross-attention probabilities to edit (its recorder
+records them first). After each scheduler step, a :class:`Blender` does local blending
+from the recorder's running sum of maps.
 
 Everything that depends only on the recipe (token mappings, per-step injection and
 re-weighting factors, self-attention sources) is computed once, on the device, before
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from .edits import Recipe, Target, Window
 from .processors import LayerPlace, map_size
 from .prompts import Alignment, Prompt, align, tokenize
-from .record import AttentionRecord
+from .record import Recorder
 
-__all__ = ["Branch", "plan_branches", "Controller", "blend_factor", "same_tokens", "MIN_MASK_SIDE"]
+__all__ = ["Branch", "plan_branches", "Controller", "Blender", "blend_factor", "same_tokens", "MIN_MASK_SIDE"]
 
 
 @dataclass(frozen=True)
@@ -111,17 +112,18 @@ def blend_factor(latent_size: tuple[int, int], cross_factors: Sequence[int]) -> 
 
 
 class Controller:
-    """Per-step, per-layer attention decisions for one run.
+    """Per-step, per-layer attention decisions for one run: injection, re-weighting,
+    value injection and self-attention sources. What is recorded is its
+    :class:`~p2p_widgets.record.Recorder`'s business; local blending is a :class:`Blender`'s.
 
     Args:
         branches: from :func:`plan_branches`.
         recipe: the run's recipe (windows are fractions of ``recipe.steps``).
-        places: the UNet's attention layers.
+        places: the denoiser's attention layers.
         latent_size: (height, width) of the latent.
-        device: where the UNet runs.
+        device: where the denoiser runs.
         guided: whether the batch holds an unconditional half first (classifier-free guidance).
-        record: keep the attention record (local blending records what it needs anyway).
-        record_self: ``(step, factor)`` to keep self-attention maps at one step and resolution.
+        recorder: records the attention the layers computed (default: one that records nothing).
     """
 
     def __init__(
@@ -132,22 +134,19 @@ class Controller:
         latent_size: tuple[int, int],
         device: torch.device,
         guided: bool,
-        record: bool = True,
-        record_self: tuple[int, int] | None = None,
+        recorder: Recorder | None = None,
     ):
         self.branches = branches
         self.steps = recipe.steps
         self.latent_size = latent_size
         self.device = device
         self.offset = len(branches) if guided else 0  # first conditional row of the batch
-        self.record = record
-        self.record_self_at = record_self
+        if recorder is None:
+            recorder = Recorder([b.prompt for b in branches], latent_size, places, self.offset, record=False)
+        self.recorder = recorder
         self.step = 0
         parents = tuple(b.parent for b in branches)
         self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
-        self.tokens = max(b.prompt.length for b in branches)  # recorded token positions
-        self.cross_factors = sorted({p.factor for p in places.values() if p.is_cross})
-        self.cross_layers = {f: sum(1 for p in places.values() if p.is_cross and p.factor == f) for f in self.cross_factors}
         latent_side = min(latent_size)
         self.self_allowed = {
             name: min(place.map_size(*latent_size)) <= recipe.self_max_scale * latent_side + 1e-9
@@ -156,13 +155,6 @@ class Controller:
         }
         self._build_cross(recipe)
         self._build_self(recipe)
-        self._build_blend(recipe)
-        self._sums: dict[int, torch.Tensor] = {}
-        self._history: dict[int, list[torch.Tensor]] = {f: [] for f in self.cross_factors}
-        self._blend_running: torch.Tensor | None = None
-        self._masks: list[torch.Tensor] = []
-        self._self_sum: torch.Tensor | None = None
-        self._self_layers = 0
 
     # -- set-up --------------------------------------------------------------------
     def _build_cross(self, recipe: Recipe) -> None:
@@ -172,8 +164,9 @@ class Controller:
         scale = torch.ones(self.steps, count, length)  # re-weighting factors
         beta = torch.zeros(self.steps, count, length)  # value injection: the parent's share
         for index, branch in enumerate(self.branches[1:], start=1):
-            target = branch.target
-            mapping[index] = torch.from_numpy(branch.alignment.matrix)
+            target, alignment = branch.target, branch.alignment
+            assert target is not None and alignment is not None
+            mapping[index] = torch.from_numpy(alignment.matrix)
             same = torch.from_numpy(same_tokens(self.branches[branch.parent].prompt, branch))
             beta[target.values.steps(self.steps), index] = target.value_beta * same
             windows = [target.cross.default] * length
@@ -183,7 +176,7 @@ class Controller:
             if target.preserve:  # object preservation: only these words are injected
                 kept = {t for word in target.preserve for t in branch.prompt.token_indices(word)}
                 windows = [w if t in kept else Window(0.0, 0.0) for t, w in enumerate(windows)]
-            mapped = torch.from_numpy(branch.alignment.mapped)
+            mapped = torch.from_numpy(alignment.mapped)
             for token, window in enumerate(windows):
                 if mapped[token]:
                     alpha[window.steps(self.steps), index, token] = 1.0
@@ -196,6 +189,7 @@ class Controller:
         self.cross_injected = [bool((alpha[s] > 0).any()) for s in range(self.steps)]
         self.cross_scaled = [bool((scale[s] != 1).any()) for s in range(self.steps)]
         self.values_injected = [bool((beta[s] > 0).any()) for s in range(self.steps)]
+        self.edited = [a or b or c for a, b, c in zip(self.cross_injected, self.cross_scaled, self.values_injected)]
         self.levels = [
             _Level(group, parents, mapping, alpha, scale, beta, self.device) for group, parents in self.level_lists
         ]
@@ -211,6 +205,7 @@ class Controller:
             for group, _ in self.level_lists:
                 for branch in group:
                     target = self.branches[branch].target
+                    assert target is not None
                     if step in target.self_attn.steps(self.steps):
                         source[branch] = source[self.branches[branch].parent]
             if source == list(range(count)):
@@ -219,102 +214,13 @@ class Controller:
             rows = list(range(self.offset)) + [self.offset + s for s in source]
             self.self_sources_at.append(torch.tensor(rows, device=self.device))
 
-    def _build_blend(self, recipe: Recipe) -> None:
-        blended = [(i, b) for i, b in enumerate(self.branches) if b.target is not None and b.target.blend]
-        if not blended:
-            self.blend_factor = None
-            return
-        self.blend_factor = blend_factor(self.latent_size, self.cross_factors)
-        count = len(self.branches)
-        own = torch.zeros(count, self.tokens)  # (branches, tokens): tokens of the blend words
-        parent = torch.zeros(count, self.tokens)  # same, in the parent's prompt
-        start = [0] * count
-        self.blend_spec = {}
-        for index, branch in blended:
-            blend = branch.target.blend
-            own[index, list(_tokens(branch.prompt, blend.words))] = 1.0
-            if blend.parent_words is not None:
-                parent_tokens = list(_tokens(self.branches[branch.parent].prompt, blend.parent_words))
-            else:  # the parent's tokens aligned with the blend words
-                weights = torch.from_numpy(branch.alignment.matrix)[:, own[index].nonzero().flatten()]
-                parent_tokens = [t for t in weights.sum(1).nonzero().flatten().tolist() if t < self.tokens]
-            parent[index, parent_tokens] = 1.0
-            start[index] = math.floor(blend.start * self.steps + 1e-9)
-            self.blend_spec[index] = blend
-        self.blend_own = own.to(self.device)
-        self.blend_parent = parent.to(self.device)
-        self.blend_start = start
-
     # -- called by the engine ------------------------------------------------------
     def begin_step(self, step: int) -> None:
         self.step = step
-        self._sums = {}
+        self.recorder.begin_step(step)
 
-    def end_step(self, latents: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """Finish a step: store its maps, and blend the targets' latents (a new tensor).
-
-        ``reference``: (channels, h, w) latent that the source's direct edits are restored to
-        outside their masks instead of the source branch's own (a real image's inversion).
-        """
-        means = {f: self._sums[f] / self.cross_layers[f] for f in self._sums}  # (branches, pixels, tokens)
-        if self.record:
-            for factor, mean in means.items():
-                height, width = map_size(self.latent_size, factor)
-                self._history[factor].append(mean.reshape(mean.shape[0], height, width, -1).to(torch.float16))
-        if self.blend_factor is None:
-            return latents
-        current = means[self.blend_factor]
-        self._blend_running = current if self._blend_running is None else self._blend_running + current
-        return self._blend(latents, reference)
-
-    def _blend(self, latents: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        """Local blending (paper 3.2): outside the words' mask, reset to the parent's latent."""
-        count = latents.shape[0]
-        masks = torch.ones(count, *latents.shape[2:], dtype=torch.bool, device=latents.device)
-        latents = latents.clone()
-        height, width = map_size(self.latent_size, self.blend_factor)
-        for group, parents in self.level_lists:
-            for branch, parent in zip(group, parents):
-                if branch not in self.blend_spec or self.step < self.blend_start[branch]:
-                    continue
-                blend = self.blend_spec[branch]
-                # (2, pixels): the branch's words in the branch, the aligned words in the parent
-                maps = torch.stack(
-                    [
-                        self._blend_running[branch].float() @ self.blend_own[branch],
-                        self._blend_running[parent].float() @ self.blend_parent[branch],
-                    ]
-                ).reshape(2, 1, height, width)
-                size = 2 * blend.dilation + 1
-                maps = F.max_pool2d(maps, size, stride=1, padding=blend.dilation)
-                maps = F.interpolate(maps, size=tuple(latents.shape[2:]), mode="nearest")
-                peak = maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
-                mask = ((maps / peak) > blend.threshold).any(dim=0)[0]  # union: (h, w)
-                masks[branch] = mask
-                weight = mask.to(latents.dtype)
-                base = reference if reference is not None and parent == 0 else latents[parent]
-                latents[branch] = base + weight * (latents[branch] - base)
-        self._masks.append(masks)
-        return latents
-
-    def finish(self, timesteps: tuple[int, ...]) -> tuple[AttentionRecord | None, torch.Tensor | None]:
-        """The attention record (CPU, fp16) and the blend masks (steps, branches, h, w)."""
-        record = None
-        if self.record and self._history[self.cross_factors[0]]:
-            maps = {f: torch.stack(h).cpu() for f, h in self._history.items()}
-            self_maps = None
-            if self._self_sum is not None:
-                self_maps = (self.record_self_at, (self._self_sum / self._self_layers).to(torch.float16).cpu())
-            record = AttentionRecord(
-                prompts=tuple(b.prompt for b in self.branches),
-                latent_size=self.latent_size,
-                maps=maps,
-                layers=dict(self.cross_layers),
-                timesteps=tuple(timesteps[: len(self._history[self.cross_factors[0]])]),
-                self_maps=self_maps,
-            )
-        masks = torch.stack(self._masks).cpu() if self._masks else None
-        return record, masks
+    def end_step(self) -> None:
+        self.recorder.end_step()
 
     # -- called by the processors --------------------------------------------------
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None:
@@ -323,18 +229,11 @@ class Controller:
         return self.self_sources_at[self.step]
 
     def record_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        if self.record_self_at != (self.step, place.factor):
-            return
-        # (branches, heads, pixels, pixels) -> mean over heads
-        probs = (torch.matmul(query[self.offset :], key[self.offset :].transpose(-1, -2)).float() * scale).softmax(-1)
-        mean = probs.mean(1)
-        self._self_sum = mean if self._self_sum is None else self._self_sum + mean
-        self._self_layers += 1
+        self.recorder.add_self(place, query, key, scale)
 
     def explicit_rows(self, place: LayerPlace) -> int | None:
         """The first batch row whose cross-attention probabilities this step needs."""
-        step = self.step
-        if self.record or self.blend_factor == place.factor or self.cross_injected[step] or self.cross_scaled[step] or self.values_injected[step]:
+        if self.edited[self.step] or self.recorder.observes(place):
             return self.offset
         return None
 
@@ -356,12 +255,9 @@ class Controller:
         if conditional.shape[2] != height * width:
             raise RuntimeError(
                 f"layer {place.name} has {conditional.shape[2]} pixels but {height}x{width} were expected "
-                f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this UNet's layout is not supported"
+                f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this model's layout is not supported"
             )
-        if self.record or self.blend_factor == place.factor:
-            mean = conditional[..., : self.tokens].mean(1)  # (branches, pixels, tokens)
-            previous = self._sums.get(place.factor)
-            self._sums[place.factor] = mean if previous is None else previous + mean
+        self.recorder.add_cross(place, conditional)
         injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
         if not (injected or scaled):
             return conditional
@@ -378,6 +274,98 @@ class Controller:
                 return torch.cat([conditional[:1], maps])
             edited[level.rows] = maps
         return edited
+
+
+class Blender:
+    """Local blending (paper 3.2): after each step, outside the mask of the chosen words a
+    target's latent is reset to its parent's.
+
+    The mask comes from the running sum of the maps at one resolution (see
+    :func:`blend_factor`) that the run's :class:`~p2p_widgets.record.Recorder` keeps:
+    the words' maps, max-pooled (dilation), divided by their maximum, above the threshold,
+    the union of the target's words and the aligned words in its parent.
+
+    Build with :meth:`plan`, which returns None when no target blends.
+    """
+
+    def __init__(self, branches: tuple[Branch, ...], steps: int, latent_size: tuple[int, int], factor: int, device):
+        self.branches = branches
+        self.latent_size = latent_size
+        self.factor = factor
+        parents = tuple(b.parent for b in branches)
+        self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
+        tokens = max(b.prompt.length for b in branches)  # the recorded token positions
+        count = len(branches)
+        own = torch.zeros(count, tokens)  # (branches, tokens): tokens of the blend words
+        parent = torch.zeros(count, tokens)  # same, in the parent's prompt
+        self.start = [0] * count
+        self.spec = {}
+        for index, branch in enumerate(branches):
+            blend = branch.target.blend if branch.target is not None else None
+            if not blend:
+                continue
+            assert branch.alignment is not None
+            own[index, list(_tokens(branch.prompt, blend.words))] = 1.0
+            if blend.parent_words is not None:
+                parent_tokens = list(_tokens(branches[branch.parent].prompt, blend.parent_words))
+            else:  # the parent's tokens aligned with the blend words
+                weights = torch.from_numpy(branch.alignment.matrix)[:, own[index].nonzero().flatten()]
+                parent_tokens = [t for t in weights.sum(1).nonzero().flatten().tolist() if t < tokens]
+            parent[index, parent_tokens] = 1.0
+            self.start[index] = math.floor(blend.start * steps + 1e-9)
+            self.spec[index] = blend
+        self.own = own.to(device)
+        self.parent = parent.to(device)
+        self._masks: list[torch.Tensor] = []
+
+    @classmethod
+    def plan(
+        cls, branches: tuple[Branch, ...], steps: int, latent_size: tuple[int, int], places: dict[str, LayerPlace], device
+    ) -> Blender | None:
+        """The blender of a run, or None when no target blends."""
+        if not any(b.target is not None and b.target.blend for b in branches):
+            return None
+        factors = sorted({p.factor for p in places.values() if p.is_cross})
+        return cls(branches, steps, latent_size, blend_factor(latent_size, factors), device)
+
+    def __call__(
+        self, latents: torch.Tensor, step: int, running: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Blend the targets' latents after step ``step`` (a new tensor).
+
+        ``running``: the maps at this blender's resolution summed over the steps so far
+        (branches, pixels, tokens). ``reference``: (channels, h, w) latent that the source's
+        direct edits are restored to outside their masks instead of the source branch's own
+        (a real image's inversion).
+        """
+        count = latents.shape[0]
+        masks = torch.ones(count, *latents.shape[2:], dtype=torch.bool, device=latents.device)
+        latents = latents.clone()
+        height, width = map_size(self.latent_size, self.factor)
+        for group, parents in self.level_lists:
+            for branch, parent in zip(group, parents):
+                if branch not in self.spec or step < self.start[branch]:
+                    continue
+                blend = self.spec[branch]
+                # (2, pixels): the branch's words in the branch, the aligned words in the parent
+                maps = torch.stack(
+                    [running[branch].float() @ self.own[branch], running[parent].float() @ self.parent[branch]]
+                ).reshape(2, 1, height, width)
+                size = 2 * blend.dilation + 1
+                maps = F.max_pool2d(maps, size, stride=1, padding=blend.dilation)
+                maps = F.interpolate(maps, size=tuple(latents.shape[2:]), mode="nearest")
+                peak = maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+                mask = ((maps / peak) > blend.threshold).any(dim=0)[0]  # union: (h, w)
+                masks[branch] = mask
+                weight = mask.to(latents.dtype)
+                base = reference if reference is not None and parent == 0 else latents[parent]
+                latents[branch] = base + weight * (latents[branch] - base)
+        self._masks.append(masks)
+        return latents
+
+    def masks(self) -> torch.Tensor | None:
+        """Every step's masks (steps, branches, h, w) bool, CPU."""
+        return torch.stack(self._masks).cpu() if self._masks else None
 
 
 class _Level:

@@ -356,8 +356,7 @@ class Target:
         return cls(**data)
 
 
-_SCHEDULER_DEFAULT = "DDIMScheduler"
-
+MAX_SIDE = 65536  # SDXL's size conditions are pixel counts; larger ones are surely a mistake
 MAX_SEED = 2**63  # seeds are 0 .. 2**63 - 1 (torch generators take 64-bit seeds; the engine uses seed + 1)
 MAX_STEPS = 10_000  # more than any scheduler's training timesteps (1000 for Stable Diffusion)
 MAX_GUIDANCE = 1e4  # |guidance| beyond this is no guidance scale anyone means; 7.5 in the paper
@@ -374,16 +373,24 @@ class Recipe:
         targets: the edited branches (``Target`` or plain prompt strings).
         seed: seeds the initial noise, drawn on the CPU so it is the same on any device.
         steps: diffusion steps (50 in the paper).
-        guidance: classifier-free guidance scale; <= 1 runs without an unconditional half.
-        negative_prompt: the unconditional prompt ("" = the pipeline's default).
+        guidance: classifier-free guidance scale; <= 1 runs without an unconditional half
+            (None: the model family's stock default, 7.5 for Stable Diffusion, 5 for SDXL).
+        negative_prompt: the unconditional prompt ("" = the pipeline's default: the empty
+            prompt, or zeros for SDXL models that ask for them).
         height, width: image size in pixels (None: the model's default size).
         scheduler: a diffusers scheduler class name built from the pipeline's scheduler
-            config, or "pipeline" for the pipeline's own scheduler as it is.
+            config, or "pipeline" for the pipeline's own scheduler as it is (None: the model
+            family's default, DDIM for Stable Diffusion 1.x/2.x as in the paper, the
+            pipeline's own for SDXL).
         eta: DDIM's eta (0: deterministic).
         guidance_rescale: rescale of the guided prediction (0: off).
         self_max_scale: self-attention is injected only in layers whose feature map side
             is at most this fraction of the latent side (0.25: the paper's 16x16 maps at
             512 px; 1.0: every layer).
+        original_size, crop, target_size: SDXL's size conditions ("micro-conditioning"):
+            the (height, width) the model is told the training image had, the (top, left)
+            corner it was cropped at, and the size it was made for; None: the image's size,
+            and crop (0, 0). Other families refuse them.
         model: the model's hub id or path, recorded for reference.
         version: the p2p_widgets version that wrote the recipe.
     """
@@ -392,14 +399,17 @@ class Recipe:
     targets: tuple[Target, ...] = ()
     seed: int = 0
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None
     negative_prompt: str = ""
     height: int | None = None
     width: int | None = None
-    scheduler: str = _SCHEDULER_DEFAULT
+    scheduler: str | None = None
     eta: float = 0.0
     guidance_rescale: float = 0.0
     self_max_scale: float = 0.25
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
     model: str | None = None
     version: str = ""
 
@@ -425,12 +435,14 @@ class Recipe:
         check_seed_and_steps(self.seed, self.steps)
         for name in ("guidance", "eta", "guidance_rescale", "self_max_scale"):
             value = getattr(self, name)
+            if value is None and name == "guidance":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, not {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, not {value!r}")
             object.__setattr__(self, name, float(value))
-        if not abs(self.guidance) <= MAX_GUIDANCE:
+        if self.guidance is not None and not abs(self.guidance) <= MAX_GUIDANCE:
             raise ValueError(
                 f"guidance {self.guidance:g} is out of range: it is a classifier-free guidance scale "
                 f"(7.5 in the paper; <= 1 runs without guidance), at most {MAX_GUIDANCE:g} in size"
@@ -448,8 +460,24 @@ class Recipe:
                 raise ValueError(f"{name} must be a positive number of pixels or None, not {value!r}")
         if not isinstance(self.negative_prompt, str):
             raise TypeError(f"negative_prompt is a string, not {type(self.negative_prompt).__name__}")
-        if not isinstance(self.scheduler, str) or not self.scheduler:
-            raise TypeError(f"scheduler is a diffusers scheduler class name or 'pipeline', not {self.scheduler!r}")
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
+            raise TypeError(
+                f"scheduler is a diffusers scheduler class name, 'pipeline' or None (the model's default), "
+                f"not {self.scheduler!r}"
+            )
+        for name in ("original_size", "crop", "target_size"):
+            value = getattr(self, name)
+            if value is None and name != "crop":
+                continue
+            what = "(top, left) in pixels, each >= 0" if name == "crop" else "(height, width) in pixels, each >= 1"
+            low = 0 if name == "crop" else 1
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_SIDE for v in value)
+            ):
+                raise ValueError(f"{name} is {what} (at most {MAX_SIDE}), not {value!r}")
+            object.__setattr__(self, name, (int(value[0]), int(value[1])))
         if isinstance(self.model, os.PathLike):  # a folder: recorded as its path's text
             object.__setattr__(self, "model", os.fspath(self.model))
         if self.model is not None and not isinstance(self.model, str):

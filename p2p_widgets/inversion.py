@@ -50,20 +50,8 @@ from PIL import Image
 
 from .control import plan_branches
 from .edits import Recipe
-from .engine import (
-    Cancelled,
-    Progress,
-    Result,
-    _decode,
-    check_multiple,
-    check_steps,
-    edit,
-    embeddings,
-    estimate_run,
-    is_guided,
-    make_scheduler,
-    vae_factor,
-)
+from .engine import Cancelled, Guide, Progress, Result, check_steps, edit, estimate_run, make_scheduler, resolve
+from .families import Conditioning, Family, check_multiple, family_of
 from .memory import MemoryEstimate
 
 __all__ = ["Inversion", "invert", "restore_outside", "encode_image", "METHODS", "PreparedImage", "prepare_image", "MAX_PIXELS"]
@@ -434,6 +422,8 @@ class Inversion:
             from ``trajectory[steps - i]`` to ``trajectory[steps - i - 1]``.
         unconditional: null-text only: (steps, tokens, dim) float32, the optimised
             unconditional embedding of every sampling step.
+        unconditional_pooled: null-text on a model with pooled text embeddings (SDXL):
+            (steps, dim) float32, optimised with the hidden states; else None.
         inner_steps: null-text only: the Adam steps each sampling step took.
         notes: what happened, for the user (image preparation, warnings).
         seconds: how long the inversion took.
@@ -449,6 +439,7 @@ class Inversion:
     scheduler: str
     trajectory: torch.Tensor
     unconditional: torch.Tensor | None = None
+    unconditional_pooled: torch.Tensor | None = None
     inner_steps: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
@@ -461,12 +452,62 @@ class Inversion:
     def vae_round_trip(self, pipe: Any) -> Image.Image:
         """The image encoded and decoded by the VAE: the best reconstruction any inversion
         method can reach."""
-        return _decode(pipe, self.trajectory[:1].to(device=pipe.vae.device))[0]
+        return family_of(pipe).decode(self.trajectory[:1])[0]
 
     @property
     def settings(self) -> dict[str, Any]:
         """The recipe settings every edit of this inversion must use."""
         return dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
+
+    def check(self, recipe: Recipe) -> None:
+        """Refuse a recipe (its defaults resolved) that would not edit the image as it was inverted.
+
+        Raises:
+            ValueError: listing every setting that differs, and how to fix it.
+        """
+        problems = []
+        if recipe.prompt != self.prompt:
+            problems.append(f"the source prompt must be the inverted one, {self.prompt!r}, not {recipe.prompt!r}")
+        if recipe.steps != self.steps:
+            problems.append(f"steps must be {self.steps}, not {recipe.steps}")
+        if (recipe.height, recipe.width) != (self.height, self.width):
+            problems.append(
+                f"the size must be {self.height}x{self.width} (height x width), not {recipe.height}x{recipe.width}"
+            )
+        if recipe.scheduler != self.scheduler:
+            problems.append(f"the scheduler must be {self.scheduler}, not {recipe.scheduler}")
+        if recipe.eta != 0:
+            problems.append(f"eta must be 0 (inversion follows deterministic DDIM), not {recipe.eta}")
+        if self.unconditional is not None and recipe.guidance != self.guidance:
+            problems.append(
+                f"guidance must be {self.guidance}: the null-text embeddings were optimised for it, "
+                f"not for {recipe.guidance} (invert again for another guidance)"
+            )
+        if problems:
+            raise ValueError(
+                "this run does not match the inversion: " + "; ".join(problems) + " (inversion.edit(pipe, ...) sets them)"
+            )
+
+    def guide(self, recipe: Recipe) -> Guide:
+        """What the engine follows to edit this image with ``recipe`` (checked by :meth:`check`).
+
+        Null-text replaces the unconditional embedding step by step, negative-prompt uses
+        the source prompt's conditioning in its place, direct keeps the source branch on the
+        inversion's trajectory. With local blending the targets are restored outside their
+        masks to the trajectory, that is to the original image, whatever the method
+        (paper fig. 12).
+        """
+        self.check(recipe)
+        unconditional = None
+        if self.unconditional is not None:
+            unconditional = Conditioning(self.unconditional, self.unconditional_pooled)
+        return Guide(
+            latents=self.latents,
+            unconditional=unconditional,
+            trajectory=self.trajectory,
+            pin_source=self.method == "direct",
+            source_as_negative=self.method == "negative-prompt",
+        )
 
     def edit(self, pipe: Any, *targets: Any, **settings: Any) -> Result:
         """Edit the image: ``edit(pipe, prompt, *targets)`` with this inversion's settings.
@@ -481,19 +522,15 @@ class Inversion:
                 f"this image was inverted with {', '.join(f'{n}={fixed[n]!r}' for n in clash)}; "
                 "edit with those (invert again to change them)"
             )
-        return edit(pipe, self.prompt, *targets, **{**settings, **fixed, "inversion": self})
+        if "guide" in settings or "latents" in settings:
+            raise ValueError("an inversion brings its own x_T: edit it without guide= or latents=")
+        return edit(pipe, self.prompt, *targets, **{**settings, **fixed, "guide": self})
 
 
 def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
-    """The VAE latent of an RGB image (its posterior mean, scaled as the UNet expects),
+    """The VAE latent of an RGB image (its posterior mean, scaled as the denoiser expects),
     (1, channels, h, w) on the pipeline's device and dtype."""
-    vae = pipe.vae
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-    pixels = pixels.permute(2, 0, 1)[None].to(device=vae.device, dtype=vae.dtype)
-    with torch.no_grad():
-        mean = vae.encode(pixels).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (mean - shift) * vae.config.scaling_factor
+    return family_of(pipe).encode_image(image)
 
 
 def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -571,7 +608,7 @@ def invert(
     method: str = "null-text",
     *,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     size: tuple[int, int] | None = None,
     fit: Fit = "crop",
     scheduler: str = "DDIMScheduler",
@@ -583,12 +620,14 @@ def invert(
     """Invert a real image so that it can be edited; see the module docstring.
 
     Args:
-        pipe: a Stable Diffusion pipeline (epsilon or v-prediction).
+        pipe: a pipeline of a supported family (Stable Diffusion 1.x/2.x, epsilon or
+            v-prediction; SDXL).
         image: a path, PIL image or array (see :func:`prepare_image`).
         prompt: a description of the image; edits change its words. Quality depends on
             it: a warning is given when it explains the image no better than no prompt.
         method: "ddim", "null-text", "negative-prompt" or "direct".
-        steps, guidance: the settings the edits will run with.
+        steps, guidance: the settings the edits will run with (guidance None: the model
+            family's default, 7.5 for Stable Diffusion, 5 for SDXL).
         size: (height, width) for the model; default its native size.
         fit: "crop" or "pad" when the image's aspect ratio differs.
         scheduler: a deterministic DDIM scheduler (the inversion reverses its steps).
@@ -602,43 +641,45 @@ def invert(
         Cancelled: ``cancel`` was set; the pipeline is as it was.
     """
     started = time.perf_counter()
+    family = family_of(pipe)
+    if guidance is None:
+        guidance = family.default_guidance
     _check(method, steps, guidance, inner_steps)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt is a string describing the image, not {type(prompt).__name__}")
     sampler = make_scheduler(pipe, scheduler)
     if type(sampler).__name__ != "DDIMScheduler":
         raise ValueError(f"inversion reverses deterministic DDIM steps; use scheduler='DDIMScheduler', not {scheduler!r}")
-    factor = vae_factor(pipe)
-    if size is None:
-        sample = pipe.unet.config.sample_size
-        side = (sample if isinstance(sample, int) else sample[0]) * factor
-        size = (side, side)
-    prepared = prepare_image(image, size, multiple=factor, fit=fit)
+    factor = family.vae_factor
+    prepared = prepare_image(image, size or family.default_size(), multiple=factor, fit=fit)
     height, width = prepared.image.height, prepared.image.width
-    recipe = Recipe(prompt, steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler)
-    branches = plan_branches(recipe, pipe.tokenizer)  # the prompt, tokenised as the edits will be
+    recipe = Recipe(
+        prompt, steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler, negative_prompt=negative_prompt
+    )
+    recipe = resolve(family, recipe)
+    branches = plan_branches(recipe, family.tokenizer)  # the prompt, tokenised as the edits will be
     check_steps(sampler, steps)
-    _estimate(pipe, branches, method, steps, (height, width)).check("use fewer steps or a smaller size")
+    _estimate(family, branches, method, steps, (height, width)).check("use fewer steps or a smaller size")
     notes = list(prepared.notes)
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
-    sampler.set_timesteps(steps, device=device)
+    sampler.set_timesteps(steps, device=family.device)
     timesteps = sampler.timesteps
     prediction_type = sampler.config.prediction_type
     progress = _Steps(len(timesteps) * (2 if method == "null-text" else 1), callback, cancel)
 
     with torch.no_grad():
-        text = embeddings(pipe, branches, negative_prompt, True, device)  # (unconditional, c)
+        conditional = family.encode(branches, recipe, (height, width))
+        negative = family.encode_negative(recipe, (height, width), branches[0].prompt.max_length)
         progress.check()
-        latent = encode_image(pipe, prepared.image).to(dtype)
-        fit_note = _prompt_fit(pipe, latent, text, sampler, prompt)
+        latent = family.encode_image(prepared.image)
+        fit_note = _prompt_fit(family, latent, (negative, conditional), sampler, prompt)
         if fit_note:
             notes.append(fit_note)
             warnings.warn(fit_note, UserWarning, stacklevel=2)
-        trajectory = _ddim_invert(pipe, latent, text[1:], sampler, timesteps, prediction_type, progress)
-    unconditional, inner = None, ()
-    if method == "null-text" and is_guided(pipe, guidance):
-        unconditional, inner = _null_text(pipe, trajectory, text, sampler, timesteps, guidance, inner_steps, progress)
+        trajectory = _ddim_invert(family, latent, conditional, sampler, timesteps, prediction_type, progress)
+    found: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    inner: tuple[int, ...] = ()
+    if method == "null-text" and family.is_guided(guidance):
+        found, inner = _null_text(family, trajectory, negative, conditional, sampler, timesteps, guidance, inner_steps, progress)
     elif method == "null-text":
         notes.append("guidance 1: nothing to optimise, null-text is DDIM inversion here")
     return Inversion(
@@ -651,7 +692,8 @@ def invert(
         width=width,
         scheduler=type(sampler).__name__,
         trajectory=trajectory.float().cpu(),
-        unconditional=None if unconditional is None else unconditional.float().cpu(),
+        unconditional=None if found is None else found[0].float().cpu(),
+        unconditional_pooled=None if found is None or found[1] is None else found[1].float().cpu(),
         inner_steps=inner,
         notes=tuple(notes),
         seconds=round(time.perf_counter() - started, 3),
@@ -660,27 +702,28 @@ def invert(
 
 def _estimate(pipe: Any, branches: Any, method: str, steps: int, size: tuple[int, int]) -> MemoryEstimate:
     """An inversion's memory: a guided one-branch run's, plus the trajectory (x_0 .. x_T),
-    the per-step unconditional embeddings and, for null-text, the UNet's activations kept
-    for the gradient (about three times the forward pass's)."""
-    run = estimate_run(pipe, branches, steps, size, True, record=False)
-    factor = vae_factor(pipe)
-    latent = pipe.unet.config.in_channels * (size[0] // factor) * (size[1] // factor) * 4
+    the per-step unconditional embeddings and, for null-text, the denoiser's activations
+    kept for the gradient (about three times the forward pass's). ``pipe``: the pipeline
+    or its family adapter."""
+    family = family_of(pipe)
+    run = estimate_run(family, branches, steps, size, True, record=False)
+    height, width = family.latent_size(*size)
+    latent = family.latent_channels * height * width * 4
     parts = dict(run.on_device)
     parts["trajectory"] = (steps + 1) * latent * 2
     if method == "null-text":
         prompt = branches[0].prompt
-        width = getattr(pipe.text_encoder.config, "hidden_size", 768)
-        parts["unconditional embeddings"] = steps * prompt.max_length * width * 4 * 3  # value, Adam's two moments
-        parts["activations for the gradient"] = 3 * parts["UNet activations"]
+        parts["unconditional embeddings"] = steps * prompt.max_length * family.text_width * 4 * 3  # value, Adam's two moments
+        parts["activations for the gradient"] = 3 * parts["denoiser activations"]
     what = f"this inversion ({method}, {steps} steps, {size[0]}x{size[1]} pixels)"
-    return MemoryEstimate(what, pipe.unet.device, tuple(parts.items()), (("trajectory (host copy)", (steps + 1) * latent),))
+    return MemoryEstimate(what, family.device, tuple(parts.items()), (("trajectory (host copy)", (steps + 1) * latent),))
 
 
 def _alpha(sampler: Any, timestep: int) -> torch.Tensor:
     return sampler.alphas_cumprod[timestep] if timestep >= 0 else sampler.final_alpha_cumprod
 
 
-def _ddim_invert(pipe, latent, text, sampler, timesteps, prediction_type, progress) -> torch.Tensor:
+def _ddim_invert(family: Family, latent, conditional: Conditioning, sampler, timesteps, prediction_type, progress) -> torch.Tensor:
     """x_0 -> x_T by DDIM steps in reverse at guidance 1: the model's noise estimate at the
     next timestep, taken on the current latent (the usual approximation)."""
     ratio = sampler.config.num_train_timesteps // sampler.num_inference_steps
@@ -689,7 +732,7 @@ def _ddim_invert(pipe, latent, text, sampler, timesteps, prediction_type, progre
         progress.check()
         t = int(t)
         a_from, a_to = (_alpha(sampler, t - ratio).to(x), _alpha(sampler, t).to(x))
-        output = pipe.unet(sampler.scale_model_input(x, t), t, encoder_hidden_states=text, return_dict=False)[0]
+        output = family.denoise(sampler.scale_model_input(x, t), t, conditional)
         eps = _epsilon(output, x, a_to, prediction_type)
         clean = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
         x = a_to.sqrt() * clean + (1 - a_to).sqrt() * eps
@@ -698,30 +741,40 @@ def _ddim_invert(pipe, latent, text, sampler, timesteps, prediction_type, progre
     return torch.cat(out)
 
 
-def _null_text(pipe, trajectory, text, sampler, timesteps, guidance, inner_steps, progress):
-    """Per sampling step, optimise the unconditional embedding so that the guided DDIM step
-    from the current latent lands on the inversion's next latent. Only the embedding gets
-    gradients: the UNet's weights are frozen for the duration."""
-    unet, steps = pipe.unet, len(timesteps)
-    unconditional, condition = text[:1].float(), text[1:]
+def _null_text(
+    family: Family, trajectory, negative: Conditioning, conditional: Conditioning, sampler, timesteps, guidance, inner_steps, progress
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[int, ...]]:
+    """Per sampling step, optimise the unconditional embedding (the hidden states of every
+    text encoder, and the pooled embedding where the model has one) so that the guided DDIM
+    step from the current latent lands on the inversion's next latent. Only the embeddings
+    get gradients: the denoiser's weights are frozen for the duration."""
+    steps = len(timesteps)
+    dtype = conditional.text.dtype
+    text = negative.text.float()
+    pooled = None if negative.pooled is None else negative.pooled.float()
     x = trajectory[-1:]
-    found, counts = [], []
-    with _frozen(unet):
+    found_text, found_pooled, counts = [], [], []
+    with _frozen(family.denoiser):
         for i, t in enumerate(timesteps):
             progress.check()
             goal = trajectory[steps - i - 1][None]
             scaled = sampler.scale_model_input(x, t)
             with torch.no_grad():
-                conditional = unet(scaled, t, encoder_hidden_states=condition, return_dict=False)[0]
+                conditional_pred = family.denoise(scaled, t, conditional)
             progress_at_50 = i * 50 / steps  # the official schedule is for 50 steps
-            embedding = unconditional.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([embedding], lr=1e-2 * (1 - progress_at_50 / 100))
+            text = text.detach().clone().requires_grad_(True)
+            learned = [text]
+            if pooled is not None:
+                pooled = pooled.detach().clone().requires_grad_(True)
+                learned.append(pooled)
+            optimizer = torch.optim.Adam(learned, lr=1e-2 * (1 - progress_at_50 / 100))
             limit = 1e-5 + 2e-5 * progress_at_50
             taken = 0
             for _ in range(inner_steps):
                 with torch.enable_grad():
-                    free = unet(scaled, t, encoder_hidden_states=embedding.to(condition.dtype), return_dict=False)[0]
-                    guided = free + guidance * (conditional - free)
+                    unconditional = negative.learned(text.to(dtype), None if pooled is None else pooled.to(dtype))
+                    free = family.denoise(scaled, t, unconditional)
+                    guided = free + guidance * (conditional_pred - free)
                     landed = sampler.step(guided, t, x, return_dict=False)[0]
                     loss = torch.nn.functional.mse_loss(landed.float(), goal.float())
                     optimizer.zero_grad(set_to_none=True)
@@ -730,18 +783,23 @@ def _null_text(pipe, trajectory, text, sampler, timesteps, guidance, inner_steps
                 taken += 1
                 if loss.item() < limit:
                     break
-            unconditional = embedding.detach()
-            found.append(unconditional[0])
+            text = text.detach()
+            pooled = None if pooled is None else pooled.detach()
+            found_text.append(text[0])
+            if pooled is not None:
+                found_pooled.append(pooled[0])
             counts.append(taken)
             with torch.no_grad():
-                both = torch.cat([unconditional.to(condition.dtype), condition])
-                free, conditional = unet(torch.cat([scaled, scaled]), t, encoder_hidden_states=both, return_dict=False)[0].chunk(2)
-                x = sampler.step(free + guidance * (conditional - free), t, x, return_dict=False)[0]
+                unconditional = negative.learned(text.to(dtype), None if pooled is None else pooled.to(dtype))
+                both = Conditioning.cat([unconditional, conditional])
+                free, conditional_pred = family.denoise(torch.cat([scaled, scaled]), t, both).chunk(2)
+                x = sampler.step(free + guidance * (conditional_pred - free), t, x, return_dict=False)[0]
             progress.report(int(t), "null-text")
-    return torch.stack(found), tuple(counts)
+    stacked_pooled = torch.stack(found_pooled) if found_pooled else None
+    return (torch.stack(found_text), stacked_pooled), tuple(counts)
 
 
-def _prompt_fit(pipe, latent, text, sampler, prompt) -> str | None:
+def _prompt_fit(family: Family, latent, conditionings: tuple[Conditioning, Conditioning], sampler, prompt) -> str | None:
     """A warning when the prompt predicts the image's noise no better than no prompt does
     (a diffusion-classifier test at four noise levels, two noises each), else None."""
     generator = torch.Generator("cpu").manual_seed(0)
@@ -753,8 +811,8 @@ def _prompt_fit(pipe, latent, text, sampler, prompt) -> str | None:
     if sampler.config.prediction_type == "v_prediction":
         target = sampler.get_velocity(latent.expand(len(levels), -1, -1, -1), noise, t)
     errors = []
-    for embedding in text:  # the unconditional embedding, then the prompt's
-        output = pipe.unet(noisy, t, encoder_hidden_states=embedding[None].expand(len(levels), -1, -1), return_dict=False)[0]
+    for conditioning in conditionings:  # the unconditional one, then the prompt's
+        output = family.denoise(noisy, t, conditioning.repeat(len(levels)))
         errors.append(float((output.float() - target.float()).pow(2).mean()))
     if errors[1] < errors[0]:
         return None

@@ -16,23 +16,26 @@ blend mask are its own, inside the window too; after the window the two agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .processors import map_size
+from .processors import LayerPlace, map_size
 from .prompts import Prompt
 
-__all__ = ["AttentionRecord", "Heatmaps", "Maps", "Normalize", "StepsLike", "normalize"]
+__all__ = ["AttentionRecord", "Recorder", "Heatmaps", "Maps", "Normalize", "StepsLike", "normalize"]
 
 StepsLike = int | slice | tuple[int, int] | None
 Normalize = Literal["map", "words"] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AttentionRecord:
     """Cross-attention maps of every branch and step, per resolution.
 
@@ -54,7 +57,6 @@ class AttentionRecord:
     layers: dict[int, int]
     timesteps: tuple[int, ...]
     self_maps: tuple[tuple[int, int], torch.Tensor] | None = None
-    _heatmaps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -78,9 +80,14 @@ class AttentionRecord:
         if factor is not None:
             self._factor(factor)
         key = (int(branch), factor)
-        if key not in self._heatmaps:
-            self._heatmaps[key] = Heatmaps(self, int(branch), factor)
-        return self._heatmaps[key]
+        with _HEATMAPS_LOCK:
+            cache = _HEATMAPS.setdefault(self, {})
+            found = cache.get(key)
+        if found is None:  # computed outside the lock; two threads may both compute it once
+            found = Heatmaps(self, int(branch), factor)
+            with _HEATMAPS_LOCK:
+                found = _HEATMAPS.setdefault(self, {}).setdefault(key, found)
+        return found
 
     def token_maps(
         self,
@@ -152,6 +159,119 @@ class AttentionRecord:
                 f"{', '.join('x'.join(map(str, self.maps[f].shape[2:4])) for f in self.factors)})"
             )
         return factor
+
+
+# Heatmaps computed from a record, kept while the record lives: the record itself stays a
+# plain immutable value (compared by identity), the cache lives here.
+_HEATMAPS: weakref.WeakKeyDictionary[AttentionRecord, dict] = weakref.WeakKeyDictionary()
+_HEATMAPS_LOCK = threading.Lock()
+
+
+class Recorder:
+    """Accumulates one run's attention into an :class:`AttentionRecord`.
+
+    The attention processors hand it, per layer, the conditional half's cross-attention
+    probabilities (branches, heads, pixels, tokens) and, at the one requested step and
+    resolution, the self-attention queries and keys. Per step it averages them over heads
+    and over the layers of each resolution; at the end of a step it keeps that step's maps
+    (fp16, on the device until :meth:`finish` copies them to the host) and a running sum
+    over the steps so far of the resolution local blending reads.
+
+    Args:
+        prompts: every branch's tokenised prompt (source first).
+        latent_size: (height, width) of the latent.
+        places: the denoiser's attention layers.
+        offset: the first conditional row of the batch (the number of unconditional rows).
+        record: keep the per-step record.
+        record_self: ``(step, factor)``: keep that step's self-attention maps at that resolution.
+        running: the resolution (downsampling factor) to keep a running sum of, or None.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[Prompt],
+        latent_size: tuple[int, int],
+        places: dict[str, LayerPlace],
+        offset: int,
+        record: bool = True,
+        record_self: tuple[int, int] | None = None,
+        running: int | None = None,
+    ) -> None:
+        self.prompts = tuple(prompts)
+        self.latent_size = latent_size
+        self.offset = offset
+        self.record = record
+        self.record_self_at = record_self
+        self.running_factor = running
+        self.tokens = max(p.length for p in self.prompts)  # recorded token positions
+        self.factors = sorted({p.factor for p in places.values() if p.is_cross})
+        self.layers = {f: sum(1 for p in places.values() if p.is_cross and p.factor == f) for f in self.factors}
+        self.step = 0
+        self._sums: dict[int, torch.Tensor] = {}
+        self._history: dict[int, list[torch.Tensor]] = {f: [] for f in self.factors}
+        self._running: torch.Tensor | None = None
+        self._self_sum: torch.Tensor | None = None
+        self._self_layers = 0
+
+    def observes(self, place: LayerPlace) -> bool:
+        """Whether this layer's cross-attention probabilities are needed."""
+        return self.record or place.factor == self.running_factor
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self._sums = {}
+
+    def add_cross(self, place: LayerPlace, conditional: torch.Tensor) -> None:
+        """One layer's probabilities (branches, heads, pixels, tokens), before any edit."""
+        if not self.observes(place):
+            return
+        mean = conditional[..., : self.tokens].mean(1)  # (branches, pixels, tokens)
+        previous = self._sums.get(place.factor)
+        self._sums[place.factor] = mean if previous is None else previous + mean
+
+    def add_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """A self-attention layer's queries and keys (batch, heads, pixels, dim), kept at the
+        requested step and resolution only."""
+        if self.record_self_at != (self.step, place.factor):
+            return
+        # (branches, heads, pixels, pixels) -> mean over heads
+        probs = (torch.matmul(query[self.offset :], key[self.offset :].transpose(-1, -2)).float() * scale).softmax(-1)
+        mean = probs.mean(1)
+        self._self_sum = mean if self._self_sum is None else self._self_sum + mean
+        self._self_layers += 1
+
+    def end_step(self) -> None:
+        """Close the step: keep its maps, add them to the running sum."""
+        means = {f: self._sums[f] / self.layers[f] for f in self._sums}  # (branches, pixels, tokens)
+        if self.record:
+            for factor, mean in means.items():
+                height, width = map_size(self.latent_size, factor)
+                self._history[factor].append(mean.reshape(mean.shape[0], height, width, -1).to(torch.float16))
+        if self.running_factor is not None and self.running_factor in means:
+            current = means[self.running_factor]
+            self._running = current if self._running is None else self._running + current
+
+    def running(self) -> torch.Tensor | None:
+        """The running resolution's maps summed over the steps so far (branches, pixels,
+        tokens), as local blending reads them (the official code's attention store), or None."""
+        return self._running
+
+    def finish(self, timesteps: Sequence[int]) -> AttentionRecord | None:
+        """The record (fp16, CPU), or None when nothing was recorded."""
+        if not (self.record and self._history[self.factors[0]]):
+            return None
+        maps = {f: torch.stack(h).cpu() for f, h in self._history.items()}
+        self_maps = None
+        if self._self_sum is not None and self.record_self_at is not None:
+            self_maps = (self.record_self_at, (self._self_sum / self._self_layers).to(torch.float16).cpu())
+        return AttentionRecord(
+            prompts=self.prompts,
+            latent_size=self.latent_size,
+            maps=maps,
+            layers=dict(self.layers),
+            timesteps=tuple(timesteps[: len(self._history[self.factors[0]])]),
+            self_maps=self_maps,
+        )
 
 
 def select_steps(steps: StepsLike, total: int) -> list[int]:

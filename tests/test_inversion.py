@@ -171,15 +171,17 @@ def test_runs_that_do_not_match_the_inversion_are_refused(calm_sd1):
     with pytest.raises(ValueError, match="inverted with steps=3"):
         inverted.edit(calm_sd1, "a blue square", steps=10)
     with pytest.raises(ValueError, match="source prompt must be the inverted one"):
-        edit(calm_sd1, "a green square", "a blue square", steps=3, guidance=7.5, inversion=inverted)
+        edit(calm_sd1, "a green square", "a blue square", steps=3, guidance=7.5, guide=inverted)
     with pytest.raises(ValueError, match="guidance must be 7.5: the null-text embeddings were optimised for it"):
-        edit(calm_sd1, RED_SQUARE, steps=3, guidance=5.0, inversion=inverted)
+        edit(calm_sd1, RED_SQUARE, steps=3, guidance=5.0, guide=inverted)
     with pytest.raises(ValueError, match="eta must be 0"):
         inverted.edit(calm_sd1, eta=0.5)
-    with pytest.raises(ValueError, match="latents or an inversion, not both"):
+    with pytest.raises(ValueError, match="an inversion brings its own x_T"):
         inverted.edit(calm_sd1, latents=inverted.latents)
-    with pytest.raises(TypeError, match="inversion is what p2p_widgets.invert"):
-        edit(calm_sd1, RED_SQUARE, steps=3, inversion="cat.png")
+    with pytest.raises(ValueError, match="latents or a guide, not both"):
+        edit(calm_sd1, RED_SQUARE, steps=3, guidance=7.5, guide=inverted, latents=inverted.latents)
+    with pytest.raises(TypeError, match="guide is a Guide or what p2p_widgets.invert"):
+        edit(calm_sd1, RED_SQUARE, steps=3, guide="cat.png")
 
 
 @pytest.mark.parametrize(

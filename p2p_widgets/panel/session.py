@@ -39,6 +39,7 @@ from PIL import Image
 
 from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window, check_seed_and_steps
 from ..engine import Cancelled, Progress, Result, run, vae_factor
+from ..families import family_of
 from ..files import read_recipe, recipe_from_bytes, save_result
 from ..prompts import Word, infer_kind, tokenize
 
@@ -634,10 +635,7 @@ class Session:
         return new
 
     def _default_size(self) -> tuple[int, int]:
-        sample = self.pipe.unet.config.sample_size
-        height, width = (sample, sample) if isinstance(sample, int) else sample
-        factor = vae_factor(self.pipe)
-        return height * factor, width * factor
+        return family_of(self.pipe).default_size()
 
     def size_options(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
         """(label, size) choices for the image size: the model's default first."""
