@@ -1,16 +1,21 @@
 """Cost of a Prompt-to-Prompt edit against the stock diffusers pipeline.
 
 Times one edit (source + 1 target: word swap, cross 0.8 / self 0.4, attention recording
-on) against ``StableDiffusionPipeline.__call__`` generating the same two prompts in one
-batch with the same steps, scheduler and x_T, in the same process, alternating runs.
+on) against the stock pipeline's ``__call__`` (``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline``) generating the same two prompts in one batch with the same
+steps, guidance, scheduler, size and x_T, in the same process, alternating runs.
 Prints one JSON line: the median of the per-pair time ratios (edit / stock), both medians
 in seconds, and the peak memory of each (GPU: allocator peak; CPU: resident-set growth).
 
     python benchmarks/edit_overhead.py --arch tiny                       # CPU, tiny UNet
+    python benchmarks/edit_overhead.py --arch tiny-sdxl                  # CPU, tiny SDXL
     python benchmarks/edit_overhead.py --arch sd15 --device cuda --dtype float16
+    python benchmarks/edit_overhead.py --arch sdxl --device cuda --dtype float16
 
-``sd15`` builds the full Stable Diffusion 1.5 architecture (UNet, CLIP ViT-L text
-encoder, VAE) with random weights: timing needs the shapes, not the trained weights.
+``sd15`` and ``sdxl`` build the full Stable Diffusion 1.5 / SDXL base 1.0 architectures
+(UNet, CLIP text encoders, VAE) with random weights: timing needs the shapes, not the
+trained weights. The tokenizers are the tiny offline ones (the prompts are all one-token
+words, so they tokenize to as many tokens as with CLIP's vocabulary).
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ import torch
 
 from p2p_widgets import Target, edit
 from p2p_widgets.engine import initial_noise
-from p2p_widgets.testing import tiny_pipeline, tiny_tokenizer
+from p2p_widgets.testing import tiny_pipeline, tiny_sdxl_pipeline, tiny_tokenizer
 
 SOURCE, TARGET = "a photo of a cat sitting on a table", "a photo of a dog sitting on a table"
+# The Recipe's default and StableDiffusionPipeline's; StableDiffusionXLPipeline's is 5.0, so
+# both sides are given it.
+GUIDANCE = 7.5
+#: Image side in pixels when --size is not given.
+DEFAULT_SIZE = {"tiny": 32, "tiny-sdxl": 32, "sd15": 512, "sdxl": 1024}
 
 
 def sd15_pipeline(dtype: torch.dtype):
@@ -80,6 +90,91 @@ def sd15_pipeline(dtype: torch.dtype):
     return pipe.to(dtype=dtype)
 
 
+def sdxl_pipeline(dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """Stable Diffusion XL base 1.0's architecture with random weights (no download).
+
+    Each part is made on ``device`` itself (the float32 UNet alone is 10 GB: on a GPU it is
+    never staged in CPU memory) and cast to ``dtype`` before the next is made, so the peak is
+    one float32 part. ``device="meta"`` makes the shapes only, to count parameters.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def cast(module):
+        torch.nn.Module.to(module, dtype=dtype)  # diffusers' own .to(dtype) logs a spurious warning
+        return module.eval()
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer(pad_token="!")
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = cast(UNet2DConditionModel(
+            sample_size=128,
+            cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20),  # read as the number of heads (diffusers#2011): 64 channels each
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 size numbers * 256 + the pooled 1280
+        ))
+        text_encoder = cast(CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )))
+        text_encoder_2 = cast(CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id,
+        )))
+        vae = cast(AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+        interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="leading", steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build(arch: str, dtype: torch.dtype, device: torch.device, size: int):
+    """The pipeline of ``--arch``, on ``device`` in ``dtype``, for ``size``-pixel images."""
+    if arch == "tiny":  # the test-suite's SD1-like pipeline
+        return tiny_pipeline("sd1", sample_size=size // 2, dtype=dtype).to(device)
+    if arch == "tiny-sdxl":  # the test-suite's SDXL miniature
+        return tiny_sdxl_pipeline(sample_size=size // 2, dtype=dtype).to(device)
+    if arch == "sd15":
+        return sd15_pipeline(dtype).to(device)
+    if arch == "sdxl":
+        return sdxl_pipeline(dtype, device)
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(DEFAULT_SIZE)}")
+
+
+def stock_call(pipe, noise: torch.Tensor, steps: int, size: int):
+    """The stock pipeline making SOURCE and TARGET in one batch from the same x_T."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    return pipe([SOURCE, TARGET], latents=noise.expand(2, -1, -1, -1).to(device, dtype), num_inference_steps=steps,
+                guidance_scale=GUIDANCE, height=size, width=size).images
+
+
 class PeakMemory:
     """Peak memory during a block: CUDA allocator peak, or resident-set growth on the CPU."""
 
@@ -121,34 +216,28 @@ class PeakMemory:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--arch", choices=tuple(DEFAULT_SIZE), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels; default: 32 (tiny), 512 (sd15)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels; default: 32 (tiny, tiny-sdxl), 512 (sd15), 1024 (sdxl)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.arch == "tiny":  # the test-suite's SD1-like pipeline
-        size = args.size or 32
-        pipe = tiny_pipeline("sd1", sample_size=size // 2, dtype=dtype)
-    else:
-        size = args.size or 512
-        pipe = sd15_pipeline(dtype)
-    steps = args.steps
-    pipe = pipe.to(device)
+    size, steps = args.size or DEFAULT_SIZE[args.arch], args.steps
+    pipe = build(args.arch, dtype, device, size)
     noise = initial_noise(pipe, 0, size, size)
 
     def ours():
-        return edit(pipe, SOURCE, Target(TARGET, cross=0.8, self_attn=0.4), steps=steps, height=size, width=size,
-                    scheduler="pipeline", record=True, latents=noise)
+        return edit(pipe, SOURCE, Target(TARGET, cross=0.8, self_attn=0.4), steps=steps, guidance=GUIDANCE,
+                    height=size, width=size, scheduler="pipeline", record=True, latents=noise)
 
     def stock():
-        return pipe([SOURCE, TARGET], latents=noise.expand(2, -1, -1, -1).to(device, dtype), num_inference_steps=steps,
-                    height=size, width=size).images
+        return stock_call(pipe, noise, steps, size)
 
     def timed(function):
         with PeakMemory(device) as memory:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -53,7 +54,7 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     """Merge adjacent pairs by rank (lowest first, leftmost on ties) until none applies."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(symbols)))
         if rank == len(ranks):
             break
         symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
@@ -113,16 +114,28 @@ def word_tokenizer(
     words: tuple[str, ...] | list[str],
     split_words: dict[str, tuple[str, ...]] | None = None,
     max_length: int = 77,
+    *,
+    pad_token: str = EOS,
 ) -> CLIPTokenizer:
     """A fresh ``CLIPTokenizer`` in which each of ``words`` is one token.
 
     ``split_words`` maps words to the pieces they should split into (e.g.
     ``{"bicycle": ("bicy", "cle")}``), for tokenizers with multi-token words. Any other text
     tokenizes into smaller pieces, never to an unknown token. bos = ``<|startoftext|>``,
-    eos = pad = ``<|endoftext|>`` (the last two ids), ``model_max_length = max_length``.
+    eos = ``<|endoftext|>`` (the last two ids), ``model_max_length = max_length``.
+
+    ``pad_token`` is ``<|endoftext|>`` by default, as in CLIP ViT-L's tokenizer; SDXL's
+    second (OpenCLIP bigG) tokenizer pads with ``"!"`` (id 0) instead. It must be in the
+    vocabulary. As in SDXL (diffusers#4153), a pad token that is also a byte is a special
+    token, so each ``"!"`` of the text encodes to it too, where the ``<|endoftext|>``-padded
+    tokenizer gives ``"!</w>"``: another id at the same position (this vocabulary has no
+    ``"!!"`` merge, so unlike real CLIP's, runs of ``"!"`` keep the positions too).
     """
+    split = tuple(sorted((split_words or {}).items()))
+    if pad_token not in _vocab_and_merges(tuple(words), split)[0]:
+        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary; use {EOS!r} or a single byte such as '!'")
     with tempfile.TemporaryDirectory(prefix="p2p_word_tokenizer_") as tmp:
         write_vocabulary_files(tmp, words, split_words)
         return CLIPTokenizer.from_pretrained(
-            tmp, model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+            tmp, model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token
         )
