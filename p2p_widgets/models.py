@@ -8,7 +8,9 @@ pipelines with random weights (for trying the API and for tests: their images ar
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +27,20 @@ MODEL_VARIABLE = "P2P_WIDGETS_MODEL"
 
 
 def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs: Any):
-    """A Stable Diffusion pipeline from a built-in name, a local folder or a hub id.
+    """A pipeline (Stable Diffusion 1.x/2.x or SDXL) from a built-in name, a local folder or a hub id.
 
     Args:
-        name: "shapes", "tiny", "tiny-sd2", a folder saved with ``save_pretrained``, or a hub id
-            such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (downloaded by diffusers).
+        name: "shapes", a built-in tiny pipeline (:data:`BUILT_IN`), a folder saved with
+            ``save_pretrained``, or a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+            or "stabilityai/stable-diffusion-xl-base-1.0" (downloaded by diffusers). The
+            folder's own pipeline class is used (``model_index.json``).
         device: where to put it (default: CPU).
         dtype: weights' dtype (default float32; use torch.float16 on a GPU).
-        kwargs: passed to ``StableDiffusionPipeline.from_pretrained``.
+        kwargs: passed to the pipeline class's ``from_pretrained``.
+
+    Raises:
+        ValueError: a pipeline of a model family p2p_widgets cannot edit (named), a bad
+            name, device or dtype, a folder that is not a pipeline.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"give a model name: shapes, {', '.join(BUILT_IN)}, a folder, or a hub id; not {name!r}")
@@ -67,10 +75,21 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         if dtype is not None:
             options["torch_dtype"] = dtype
         with _quiet(local):
-            from diffusers import StableDiffusionPipeline  # its first import is where transformers warns
+            import diffusers  # its first import is where transformers warns
 
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(name, **options)
+                # The folder's (or hub model's) own pipeline class: StableDiffusionPipeline,
+                # StableDiffusionXLPipeline, ...; the safety checker is off where there is one.
+                with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated option
+                    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                    index = diffusers.DiffusionPipeline.load_config(
+                        name, local_files_only=bool(local or options.get("local_files_only"))
+                    )
+                cls = getattr(diffusers, str(index.get("_class_name", "")), None) or diffusers.DiffusionPipeline
+                if "safety_checker" not in inspect.signature(cls.__init__).parameters:
+                    options.pop("safety_checker", None)
+                    options.pop("requires_safety_checker", None)
+                pipe = cls.from_pretrained(name, **options)
             except OSError as error:  # not cached and no network, no such repository, a broken folder
                 detail = " ".join(str(error).split())[:200]
                 if local:
@@ -81,6 +100,9 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
                     f"folder ({detail})"
                 ) from None
         pipe.set_progress_bar_config(disable=True)
+        from .families import family_of
+
+        family_of(pipe)  # a pipeline of no supported family is refused here, by name
     return pipe.to(device) if device is not None else pipe
 
 

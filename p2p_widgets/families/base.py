@@ -189,6 +189,12 @@ class Family:
         """The width of the text embeddings the denoiser reads."""
         return int(self.denoiser.config.cross_attention_dim)
 
+    def default_scheduler_class(self) -> str:
+        """The class name of the scheduler a recipe gets by default."""
+        if self.default_scheduler == "pipeline":
+            return type(self.pipe.scheduler).__name__
+        return self.default_scheduler
+
     def places(self) -> dict[str, LayerPlace]:
         """The attention layers, by module name (found once)."""
         if self._places is None:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window, check_seed_and_steps
 from ..engine import Cancelled, Progress, Result, run, vae_factor
-from ..families import family_of
+from ..families import Family, family_of
 from ..files import read_recipe, recipe_from_bytes, save_result
 from ..prompts import Word, infer_kind, tokenize
 
@@ -206,12 +206,13 @@ class Settings:
         )
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> tuple[Settings, tuple[str, ...]]:
+    def from_recipe(cls, recipe: Recipe, family: Family | None = None) -> tuple[Settings, tuple[str, ...]]:
         """The panel settings of a recipe, and notes on what the panel cannot show (it
         has one cross window, one self window and one blend threshold for all edits, and
         edits whose parent is the source; no negative prompt, scheduler, eta, guidance
         rescale or self-injection scale). A word that is not in its prompt raises
-        ValueError naming it: the panel could only drop it."""
+        ValueError naming it: the panel could only drop it. ``family``: the model family
+        the panel runs (its defaults fill in what the recipe leaves open)."""
         notes: list[str] = []
         targets = recipe.targets
         split = next(  # a chain P1 .. Pk (each editing the one before), then edits of Pk
@@ -254,7 +255,15 @@ class Settings:
         blends = [t.blend.threshold for t in targets if t.blend is not None]
         if len(set(blends)) > 1:
             notes.append("the edits use different blend thresholds; the panel uses the first for all")
-        for name, default in _RECIPE_DEFAULTS.items():  # run settings the panel has no input for
+        defaults = dict(_RECIPE_DEFAULTS)
+        same_scheduler = {None}
+        if family is not None:
+            same_scheduler |= {family.default_scheduler, family.default_scheduler_class()}
+        if recipe.scheduler in same_scheduler:
+            defaults.pop("scheduler")
+        elif family is not None:
+            defaults["scheduler"] = family.default_scheduler_class()
+        for name, default in defaults.items():  # run settings the panel has no input for
             if getattr(recipe, name) != default:
                 notes.append(f"the recipe's {name} {getattr(recipe, name)!r} is not shown; the panel runs with {default!r}")
         size = None if recipe.height is None or recipe.width is None else (recipe.height, recipe.width)
@@ -263,7 +272,7 @@ class Settings:
             edits=tuple(rows) or (EditRow(),),
             seed=recipe.seed,
             steps=recipe.steps,
-            guidance=recipe.guidance,
+            guidance=recipe.guidance if recipe.guidance is not None else family.default_guidance if family else 7.5,
             size=size,
             cross=(first.cross.default.start, first.cross.default.end),
             self_attn=(first.self_attn.start, first.self_attn.end),
@@ -410,7 +419,7 @@ class Session:
         self.pipe = pipe
         self.model = model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
         self.preview_every = preview_every
-        self._state = State(settings=settings or Settings())
+        self._state = State(settings=settings or Settings(guidance=family_of(pipe).default_guidance))
         self._observers: list[Observer] = []
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -836,7 +845,7 @@ class Session:
             if not is_bytes and not name.strip():
                 raise ValueError("no recipe file given; type the path of a recipe JSON or PNG file (e.g. p2p_run1_0.png)")
             recipe = recipe_from_bytes(source, name) if is_bytes else read_recipe(source)
-            settings, notes = Settings.from_recipe(recipe)
+            settings, notes = Settings.from_recipe(recipe, family_of(self.pipe))
             if settings.size is not None and settings.size == self._default_size():
                 settings = dataclasses.replace(settings, size=None)
         except (ValueError, TypeError, KeyError, OSError) as error:
