@@ -23,9 +23,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -33,8 +34,14 @@ DEFAULT_MODEL = "tiny"
 BUILT_IN_MODELS = ("tiny", "tiny-sd2", "shapes")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 # the settings a recipe holds: with --recipe they would be ignored, so they are refused
-_RECIPE_OPTIONS = {"steps": "--steps", "seed": "--seed", "guidance": "--guidance", "cross": "--cross",
-                   "self_attn": "--self", "size": "--size"}
+_RECIPE_OPTIONS = {
+    "steps": "--steps",
+    "seed": "--seed",
+    "guidance": "--guidance",
+    "cross": "--cross",
+    "self_attn": "--self",
+    "size": "--size",
+}
 _DEFAULTS = {"steps": 50, "seed": 0, "guidance": 7.5, "cross": 0.8, "self_attn": 0.4, "size": None}
 
 
@@ -64,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
     edit.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5)")
     edit.add_argument("--cross", type=float, help="cross-attention injection, fraction of steps (default: 0.8)")
-    edit.add_argument("--self", dest="self_attn", type=float, help="self-attention injection, fraction of steps (default: 0.4)")
+    edit.add_argument(
+        "--self", dest="self_attn", type=float, help="self-attention injection, fraction of steps (default: 0.4)"
+    )
     edit.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
     edit.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     edit.add_argument("--out", default="out", help="folder for the images (default: out)")
@@ -99,7 +108,8 @@ def _demo(model: str | None, jupyter_options: list[str]) -> int:
 
         environment[MODEL_VARIABLE] = model
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in jupyter_options:
-        jupyter_options = [*jupyter_options, "--allow-root"]  # containers and CI run as root; JupyterLab refuses without
+        # containers and CI run as root; JupyterLab refuses without
+        jupyter_options = [*jupyter_options, "--allow-root"]
     command = [sys.executable, "-m", "jupyterlab", *jupyter_options, str(first)]
     print("running:", " ".join(command), flush=True)
     try:
@@ -156,11 +166,20 @@ def _edit(args: argparse.Namespace, saved: list[Path]) -> None:
     else:
         if len(args.prompts) < 1:
             raise CliError("give a source prompt and at least one edited prompt, or --recipe FILE")
-        settings = {name: _DEFAULTS[name] if getattr(args, name) is None else getattr(args, name) for name in _DEFAULTS}
+        settings: dict[str, Any] = {
+            name: _DEFAULTS[name] if getattr(args, name) is None else getattr(args, name) for name in _DEFAULTS
+        }
         height, width = settings["size"] or (None, None)
         targets = tuple(Target(p, cross=settings["cross"], self_attn=settings["self_attn"]) for p in args.prompts[1:])
-        recipe = Recipe(args.prompts[0], targets, seed=settings["seed"], steps=settings["steps"],
-                        guidance=settings["guidance"], height=height, width=width)
+        recipe = Recipe(
+            args.prompts[0],
+            targets,
+            seed=settings["seed"],
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            height=height,
+            width=width,
+        )
     _check_seed(recipe.seed)
     model, reason = _choose_model(args.model, recipe.model, from_recipe=bool(args.recipe))
     recipe = recipe.replace(model=model)  # the saved recipe names the model that made the images
@@ -209,7 +228,9 @@ def _check_out(out: str) -> Path:
         os.close(descriptor)
         os.unlink(probe)
     except OSError as error:
-        raise CliError(f"--out {out}: cannot write in {existing} ({error.strerror or error}); choose a folder you can write to") from None
+        raise CliError(
+            f"--out {out}: cannot write in {existing} ({error.strerror or error}); choose a folder you can write to"
+        ) from None
     return folder
 
 
@@ -219,7 +240,9 @@ def _check_seed(seed: int) -> None:
     try:
         torch.Generator("cpu").manual_seed(seed)
     except (RuntimeError, OverflowError, TypeError):
-        raise CliError(f"seed {seed} is out of range for torch's generator; use an integer from 0 to 2**63 - 1") from None
+        raise CliError(
+            f"seed {seed} is out of range for torch's generator; use an integer from 0 to 2**63 - 1"
+        ) from None
 
 
 def _choose_model(explicit: str | None, named: str | None, *, from_recipe: bool) -> tuple[str, str]:
@@ -228,7 +251,10 @@ def _choose_model(explicit: str | None, named: str | None, *, from_recipe: bool)
         if not explicit.strip():
             raise CliError(f"--model is empty; give {', '.join(BUILT_IN_MODELS)}, a local folder or a hub id")
         if not _HUB_ID.fullmatch(explicit) and not Path(explicit).expanduser().exists():
-            raise CliError(f"--model {explicit}: no such folder (and not a hub id, which is owner/name); give the model's folder or hub id")
+            raise CliError(
+                f"--model {explicit}: no such folder (and not a hub id, which is owner/name); "
+                "give the model's folder or hub id"
+            )
         differs = from_recipe and named and named != explicit
         return explicit, "--model" + (f"; the recipe names {named}" if differs else "")
     if not from_recipe:
@@ -240,12 +266,17 @@ def _choose_model(explicit: str | None, named: str | None, *, from_recipe: bool)
     if Path(named).expanduser().is_dir():
         return named, "from the recipe, a local folder"
     if not _HUB_ID.fullmatch(named):  # a path (a hub id is "owner/name")
-        raise CliError(f"the recipe names the model folder {named}, which is not on this machine; pass --model with its folder or hub id")
+        raise CliError(
+            f"the recipe names the model folder {named}, which is not on this machine; "
+            "pass --model with its folder or hub id"
+        )
     from .models import _in_cache
 
     if _in_cache(named):
         return named, "from the recipe, in the local Hugging Face cache"
-    raise CliError(f"the recipe names the hub model {named}, which is not on this machine; to download it, pass --model {named}")
+    raise CliError(
+        f"the recipe names the hub model {named}, which is not on this machine; to download it, pass --model {named}"
+    )
 
 
 def _load(model: str, device: str | None) -> Any:
@@ -258,11 +289,17 @@ def _load(model: str, device: str | None) -> Any:
     except (KeyboardInterrupt, CliError):
         raise
     except (OSError, ValueError, TypeError) as error:
-        if str(error).startswith(("could not load the model", "no such model folder", "unknown device", "device ", "dtype ")):
+        if str(error).startswith(
+            ("could not load the model", "no such model folder", "unknown device", "device ", "dtype ")
+        ):
             raise CliError(_brief(error)) from None  # load_pipeline's own message says what to do
-        raise CliError(f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}") from None
+        raise CliError(
+            f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}"
+        ) from None
     except Exception as error:
-        raise CliError(f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}") from None
+        raise CliError(
+            f"could not load the model {model} ({type(error).__name__}: {_brief(error)}){_advice(model)}"
+        ) from None
 
 
 def _advice(model: str) -> str:
@@ -302,9 +339,7 @@ def _run(run: Any, pipe: Any, recipe: Any) -> Any:
     try:
         return run(pipe, recipe)
     except torch.cuda.OutOfMemoryError:
-        raise CliError(
-            "out of GPU memory; try a smaller --size, fewer edited prompts, or --device cpu"
-        ) from None
+        raise CliError("out of GPU memory; try a smaller --size, fewer edited prompts, or --device cpu") from None
 
 
 def _brief(error: BaseException, limit: int = 400) -> str:

@@ -58,9 +58,7 @@ _NOT_A_RECIPE = "give a .json or .png written by p2p_widgets"
 # -- saving ---------------------------------------------------------------------------------
 
 
-def save_result(
-    result: Result, folder: str | os.PathLike, stem: str = "p2p", *, overwrite: bool = True
-) -> list[Path]:
+def save_result(result: Result, folder: str | os.PathLike, stem: str = "p2p", *, overwrite: bool = True) -> list[Path]:
     """Write ``{stem}_0.png`` (the source), ``{stem}_1.png``, ... and ``{stem}.json``.
 
     Each PNG carries the run's recipe in a text chunk (``RECIPE_KEY``) and its branch
@@ -92,10 +90,12 @@ def save_result(
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite is True or False, not {overwrite!r}")
     # Encode everything in memory first: a picture PIL cannot write fails before any file.
-    contents = [_png_bytes(image, recipe_json, index, prompt) for index, (image, prompt) in enumerate(zip(images, prompts))]
+    contents = [
+        _png_bytes(image, recipe_json, index, prompt) for index, (image, prompt) in enumerate(zip(images, prompts))
+    ]
     contents.append(recipe_json.encode("utf-8"))
     folder = _make_folder(Path(folder))
-    reserved = _reserve_stem(folder, stem) if not overwrite else None
+    reserved = None if overwrite else _reserve_stem(folder, stem)  # overwrite: every file is replaceable
     stem = reserved.name[: -len(".json")] if reserved is not None else stem
     targets = [folder / f"{stem}_{index}.png" for index in range(len(images))] + [folder / f"{stem}.json"]
     with _stem_lock(folder, stem):  # two savers of one stem in this process: one set after the other, never mixed
@@ -103,7 +103,7 @@ def save_result(
             if overwrite:
                 for target in targets:
                     _check_replaceable(target)
-            _write_set(folder, targets, contents, replace=targets if overwrite else [reserved])
+            _write_set(folder, targets, contents, replace=targets if reserved is None else [reserved])
         except BaseException:
             if reserved is not None:
                 reserved.unlink(missing_ok=True)
@@ -154,7 +154,7 @@ def _check_result(result: Any) -> tuple[Sequence[Image.Image], str, tuple[str, .
 def _check_stem(stem: Any) -> None:
     if not isinstance(stem, str):
         raise TypeError(f"stem is the files' name as a string, not {type(stem).__name__}")
-    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     if not stem.strip() or stem.startswith(".") or "\x00" in stem or any(s in stem for s in separators):
         raise ValueError(
             f"stem {stem!r} cannot name files: give a plain name without folders, e.g. 'p2p' "
@@ -185,7 +185,9 @@ def _png_bytes(image: Image.Image, recipe_json: str, index: int | None, prompt: 
         image.save(stream, format="PNG", pnginfo=info)
     except (OSError, ValueError, KeyError) as error:  # e.g. a mode PNG cannot hold
         what = what or f"image {index}"
-        raise ValueError(f"{what} ({image.mode}, {image.width}x{image.height}) cannot be written as a PNG: {error}") from None
+        raise ValueError(
+            f"{what} ({image.mode}, {image.width}x{image.height}) cannot be written as a PNG: {error}"
+        ) from None
     return stream.getvalue()
 
 
@@ -351,7 +353,9 @@ def _move(temporary: Path, target: Path, replace: bool = True) -> None:
         raise FileExistsError(errno.EEXIST, f"{target.name} appeared while saving (another program wrote it)") from None
     except (OSError, NotImplementedError):  # no hard links here: check, then rename
         if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, f"{target.name} appeared while saving (another program wrote it)") from None
+            raise FileExistsError(
+                errno.EEXIST, f"{target.name} appeared while saving (another program wrote it)"
+            ) from None
         os.replace(temporary, target)
         return
     try:
@@ -391,7 +395,9 @@ def _remove_stale(folder: Path, pattern: re.Pattern[str], count: int) -> list[Pa
         except FileNotFoundError:
             pass
         except OSError as error:
-            warnings.warn(f"saved, but could not remove {path} left by an earlier save: {error.strerror or error}", stacklevel=3)
+            warnings.warn(
+                f"saved, but could not remove {path} left by an earlier save: {error.strerror or error}", stacklevel=3
+            )
     return removed
 
 
@@ -445,7 +451,9 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
             texts = _png_texts(stream, size, name, {RECIPE_KEY})
             return _recipe_in_png(texts, name)
         if size > MAX_RECIPE_BYTES:
-            raise ValueError(f"{name} is too large to be a recipe ({size / 2**20:.0f} MB; recipes are a few kB); {_NOT_A_RECIPE}")
+            raise ValueError(
+                f"{name} is too large to be a recipe ({size / 2**20:.0f} MB; recipes are a few kB); {_NOT_A_RECIPE}"
+            )
         try:
             data = head + stream.read(MAX_RECIPE_BYTES + 1 - len(head))
         except OSError as error:
@@ -476,7 +484,9 @@ def recipe_from_bytes(data: bytes | bytearray | memoryview, name: str = "the fil
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         raise ValueError(f"{name} is a WebP image, which holds no recipe; {_NOT_A_RECIPE}")
     if len(data) > MAX_RECIPE_BYTES:
-        raise ValueError(f"{name} is too large to be a recipe ({len(data) / 2**20:.0f} MB; recipes are a few kB); {_NOT_A_RECIPE}")
+        raise ValueError(
+            f"{name} is too large to be a recipe ({len(data) / 2**20:.0f} MB; recipes are a few kB); {_NOT_A_RECIPE}"
+        )
     try:
         text = data.decode("utf-8-sig")
         json.loads(text)
@@ -544,12 +554,13 @@ def _check_regular(path: Path, mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise ValueError(f"{path} is a folder, not a recipe file; {_NOT_A_RECIPE}")
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file"
-        )
+        kind = "not a regular file"
+        if stat.S_ISFIFO(mode):
+            kind = "a FIFO (named pipe)"
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            kind = "a device"
+        elif stat.S_ISSOCK(mode):
+            kind = "a socket"
         raise ValueError(f"{path} is {kind}, not a recipe file; {_NOT_A_RECIPE}")
 
 
@@ -596,14 +607,18 @@ def _png_texts(stream: IO[bytes], size: int, name: str, wanted: Collection[str])
             keyword = head.split(b"\x00", 1)[0].decode("latin-1") if b"\x00" in head else None
             if keyword is not None and keyword in wanted:
                 if length > MAX_RECIPE_BYTES:
-                    raise ValueError(f"{name}: its {keyword!r} text is {length / 2**20:.0f} MB, too large to be a recipe")
+                    raise ValueError(
+                        f"{name}: its {keyword!r} text is {length / 2**20:.0f} MB, too large to be a recipe"
+                    )
                 body = head + read(length - len(head))
                 (crc,) = struct.unpack(">I", read(4))
                 if zlib.crc32(kind + body) != crc:
                     raise damaged(f"the {keyword!r} chunk's checksum is wrong")
                 text = _decode_text(kind, body, keyword, damaged)
                 if keyword in texts and texts[keyword] != text:
-                    raise ValueError(f"{name} holds two different {keyword!r} text chunks; it is not a file p2p_widgets wrote")
+                    raise ValueError(
+                        f"{name} holds two different {keyword!r} text chunks; it is not a file p2p_widgets wrote"
+                    )
                 texts[keyword] = text
                 position += length + 4
                 continue
@@ -656,7 +671,9 @@ def _inflate(data: bytes, keyword: str, damaged: Callable[[str], ValueError]) ->
     except zlib.error as error:
         raise damaged(f"the {keyword!r} chunk's compressed text is corrupt: {error}") from None
     if len(out) > MAX_RECIPE_BYTES or inflater.unconsumed_tail:
-        raise damaged(f"the {keyword!r} chunk expands to more than {MAX_RECIPE_BYTES // 2**20} MB, too large to be a recipe")
+        raise damaged(
+            f"the {keyword!r} chunk expands to more than {MAX_RECIPE_BYTES // 2**20} MB, too large to be a recipe"
+        )
     if not inflater.eof:
         raise damaged(f"the {keyword!r} chunk's compressed text is cut short")
     return out

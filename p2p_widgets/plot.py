@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 from matplotlib import colormaps
@@ -77,7 +78,7 @@ def _heat(levels: np.ndarray, size: tuple[int, int], colours: list[int]) -> Imag
     """uint8 levels (h, w) -> an RGB image of ``size`` (height, width): upsample, then colour."""
     image = Image.fromarray(levels, "L")
     if levels.shape != size:
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     image.putpalette(colours)  # the grey levels become palette indices
     return image.convert("RGB")
 
@@ -105,6 +106,31 @@ def _out(image: Image.Image, as_array: bool) -> Output:
     return np.asarray(image).copy() if as_array else image
 
 
+@overload
+def colorize(
+    heatmap: Any,
+    size: tuple[int, int] | None = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    as_array: Literal[False] = ...,
+) -> Image.Image: ...
+@overload
+def colorize(
+    heatmap: Any,
+    size: tuple[int, int] | None = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    *,
+    as_array: Literal[True],
+) -> np.ndarray: ...
+@overload
+def colorize(
+    heatmap: Any,
+    size: tuple[int, int] | None = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    as_array: bool = ...,
+) -> Output: ...
 def colorize(
     heatmap: Any,
     size: tuple[int, int] | None = None,
@@ -123,6 +149,34 @@ def colorize(
     return _out(_heat(levels, size, palette(cmap).reshape(-1).tolist()), as_array)
 
 
+@overload
+def overlay(
+    image: ImageLike,
+    heatmap: Any,
+    alpha: float = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    as_array: Literal[False] = ...,
+) -> Image.Image: ...
+@overload
+def overlay(
+    image: ImageLike,
+    heatmap: Any,
+    alpha: float = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    *,
+    as_array: Literal[True],
+) -> np.ndarray: ...
+@overload
+def overlay(
+    image: ImageLike,
+    heatmap: Any,
+    alpha: float = ...,
+    cmap: str | Colormap = ...,
+    normalize: Normalize = ...,
+    as_array: bool = ...,
+) -> Output: ...
 def overlay(
     image: ImageLike,
     heatmap: Any,
@@ -139,7 +193,11 @@ def overlay(
     heatmap = _heatmap_2d(heatmap)
     _check_alpha(alpha)
     base = Image.fromarray(_scaled(np.asarray(image), 1.0 - alpha))
-    heat = _heat(_quantise(_normalise_one(heatmap, normalize)), (image.height, image.width), palette(cmap, alpha).reshape(-1).tolist())
+    heat = _heat(
+        _quantise(_normalise_one(heatmap, normalize)),
+        (image.height, image.width),
+        palette(cmap, alpha).reshape(-1).tolist(),
+    )
     return _out(ImageChops.add(base, heat), as_array)
 
 
@@ -154,11 +212,7 @@ def _normalise_one(heatmap: np.ndarray, how: Normalize) -> np.ndarray:
 
 
 def _size(size: Any) -> tuple[int, int]:
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(_is_int(v) and v > 0 for v in size)
-    ):
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
         raise ValueError(f"size is (height, width) in pixels, not {size!r}")
     return int(size[0]), int(size[1])
 
@@ -197,11 +251,11 @@ class Scrubber:
         self.heatmaps: Heatmaps = record.heatmaps(branch, factor)
         _check_alpha(alpha)
         self.normalize = normalize
-        chosen = list(range(len(self.heatmaps.prompt.words))) if words is None else list(words)
+        chosen: list[str | int] = list(range(len(self.heatmaps.prompt.words))) if words is None else list(words)
         self.labels: tuple[str, ...] = self.heatmaps.words(chosen, steps=0, normalize=None).labels  # validates
         if size is not None:
             height, width = _size(size)
-            image = image.resize((width, height), Image.BICUBIC)
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
         self.image = image
         self.size = (image.height, image.width)
         self._base = Image.fromarray(_scaled(np.asarray(image), 1.0 - alpha))
@@ -284,7 +338,7 @@ def word_grid(
             raise ValueError("with tokens=True the grid shows every token; leave words=None")
         maps = heatmaps.tokens(steps=steps, normalize=normalize, special=special)
     else:
-        maps = heatmaps.words(words, steps=steps, normalize=normalize)
+        maps = heatmaps.words(None if words is None else list(words), steps=steps, normalize=normalize)
     title = f'"{heatmaps.prompt.text}", {_step_title(heatmaps, steps)}'
     return Tiles(_pictures(image, maps.maps, on_image, alpha, cmap), maps.labels, title, columns)
 
@@ -326,13 +380,27 @@ def filmstrip(
     return Tiles(_pictures(image, maps, on_image, alpha, cmap), labels, title, len(chosen))
 
 
-def _pictures(image: Image.Image, maps: np.ndarray, on_image: bool, alpha: float, cmap: str | Colormap) -> tuple[Image.Image, ...]:
+def _pictures(
+    image: Image.Image, maps: np.ndarray, on_image: bool, alpha: float, cmap: str | Colormap
+) -> tuple[Image.Image, ...]:
     """Maps (n, h, w) in [0, 1] as overlays on ``image`` or as colour images of its size."""
     if on_image:
         return tuple(overlay(image, m, alpha=alpha, cmap=cmap, normalize=None) for m in maps)
     return tuple(colorize(m, size=(image.height, image.width), cmap=cmap, normalize=None) for m in maps)
 
 
+@overload
+def blend_mask(
+    result: Any, branch: int = ..., step: int = ..., on_image: bool = ..., as_array: Literal[False] = ...
+) -> Image.Image: ...
+@overload
+def blend_mask(
+    result: Any, branch: int = ..., step: int = ..., on_image: bool = ..., *, as_array: Literal[True]
+) -> np.ndarray: ...
+@overload
+def blend_mask(
+    result: Any, branch: int = ..., step: int = ..., on_image: bool = ..., as_array: bool = ...
+) -> Output: ...
 def blend_mask(result: Any, branch: int = 1, step: int = -1, on_image: bool = True, as_array: bool = False) -> Output:
     """Where local blending let a target change, at a step (default: the last).
 
@@ -351,14 +419,28 @@ def blend_mask(result: Any, branch: int = 1, step: int = -1, on_image: bool = Tr
         raise ValueError(f"step {step!r} does not exist; local blending ran at steps 0..{total - 1}")
     mask = np.asarray(masks[int(step), int(branch)], dtype=np.uint8) * 255  # (h, w)
     image = images[int(branch)].convert("RGB")
-    mask_image = Image.fromarray(mask, "L").resize((image.width, image.height), Image.NEAREST)
+    mask_image = Image.fromarray(mask, "L").resize((image.width, image.height), Image.Resampling.NEAREST)
     if not on_image:
         return _out(mask_image.convert("RGB"), as_array)
     dimmed = Image.fromarray(_scaled(np.asarray(image), 0.25))
     return _out(Image.composite(image, dimmed, mask_image), as_array)
 
 
-def difference(result: Any, branch: int = 1, against: int | None = None, gain: float = 1.0, as_array: bool = False) -> Output:
+@overload
+def difference(
+    result: Any, branch: int = ..., against: int | None = ..., gain: float = ..., as_array: Literal[False] = ...
+) -> Image.Image: ...
+@overload
+def difference(
+    result: Any, branch: int = ..., against: int | None = ..., gain: float = ..., *, as_array: Literal[True]
+) -> np.ndarray: ...
+@overload
+def difference(
+    result: Any, branch: int = ..., against: int | None = ..., gain: float = ..., as_array: bool = ...
+) -> Output: ...
+def difference(
+    result: Any, branch: int = 1, against: int | None = None, gain: float = 1.0, as_array: bool = False
+) -> Output:
     """``|image[branch] - image[against]|`` per channel (default ``against``: the branch's
     parent), times ``gain`` and clipped: black where nothing changed."""
     images = _images_of(result)
@@ -382,7 +464,8 @@ def self_attention(result: Any, branch: int = 0, count: int = 6, cmap: str | Col
     """The top principal components of the recorded self-attention (the official
     ``show_self_attention_comp``); needs ``run(..., record_self=(step, factor))``."""
     record, image = _record_and_image(result, branch)
-    components = record.self_components(branch, count)
+    components = record.self_components(branch, count)  # (count, h, w); refuses a run that recorded none
+    assert record.self_maps is not None  # for the type checker: self_components checked it
     (step, _), _ = record.self_maps
     pictures = tuple(colorize(c, size=(image.height, image.width), cmap=cmap, normalize="map") for c in components)
     labels = tuple(f"component {i + 1}" for i in range(len(pictures)))
@@ -403,7 +486,9 @@ def gallery(result: Any, columns: int | None = None) -> Tiles:
     labels = tuple(
         f'{"source" if index == 0 else branch.kind}: "{branch.prompt.text}"' for index, branch in enumerate(branches)
     )
-    return Tiles(tuple(image.convert("RGB") for image in images), labels, None, columns or len(images), tile=256, wrap=28)
+    return Tiles(
+        tuple(image.convert("RGB") for image in images), labels, None, columns or len(images), tile=256, wrap=28
+    )
 
 
 # -- layout -------------------------------------------------------------------------
@@ -437,7 +522,7 @@ class Tiles:
         return buffer.getvalue()
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # scalable, Pillow >= 10.1 with FreeType
     except (TypeError, OSError, AttributeError):
@@ -478,7 +563,9 @@ def tile_images(
     if not _is_int(height) or height < 1:
         raise ValueError(f"tile is a height in pixels, not {tile!r}")
     pictures = [
-        p if p.height == height else p.resize((max(1, round(p.width * height / p.height)), height), Image.BICUBIC)
+        p
+        if p.height == height
+        else p.resize((max(1, round(p.width * height / p.height)), height), Image.Resampling.BICUBIC)
         for p in pictures
     ]
     width = max(p.width for p in pictures)

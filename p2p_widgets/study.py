@@ -9,8 +9,9 @@ cycle-inconsistent: A -> B -> A does not return to A. Here:
   that is no local blending, so that preset's targets have no blend.
   ``preset("optimised").target("a dog riding a bicycle", blend=("dog",))``.
 * :func:`cycle`: A -> B -> A as one chain in one batch, the way back with the same
-  windows (``cycle(pipe, "a cat", Target("a dog", values=0.5))``), and :func:`cycle_score`: PSNR and SSIM between A and the returned A', over the
-  whole image and outside the edited words' attention mask.
+  windows (``cycle(pipe, "a cat", Target("a dog", values=0.5))``), and
+  :func:`cycle_score`: PSNR and SSIM between A and the returned A', over the whole image
+  and outside the edited words' attention mask.
 * :func:`psnr`, :func:`ssim`: plain image metrics on uint8 RGB arrays, optionally inside
   a mask.
 
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .control import same_tokens, plan_branches
+from .control import plan_branches, same_tokens
 from .edits import LocalBlend, Recipe, Target
 from .engine import Progress, Result, edit
 from .memory import NotEnoughMemory
@@ -87,7 +89,9 @@ PRESETS: dict[str, Preset] = {
         "int(0.8 * (steps + 1)), here at floor(0.8 * steps): the same at multiples of 5 steps "
         "(its 50), one step shorter at every other count",
     ),
-    "optimised": Preset("optimised", 0.0, 0.2, 0.8, "the CL P2P report's values for faces and hair (k 0, cross 0.2, self 0.8)"),
+    "optimised": Preset(
+        "optimised", 0.0, 0.2, 0.8, "the CL P2P report's values for faces and hair (k 0, cross 0.2, self 0.8)"
+    ),
 }
 
 
@@ -170,7 +174,12 @@ class CycleScore:
     mask: np.ndarray
 
     def to_dict(self) -> dict[str, float]:
-        return {"psnr": self.psnr, "ssim": self.ssim, "psnr_outside": self.psnr_outside, "ssim_outside": self.ssim_outside}
+        return {
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "psnr_outside": self.psnr_outside,
+            "ssim_outside": self.ssim_outside,
+        }
 
 
 def edited_mask(result: Result, branch: int, threshold: float = 0.3, dilation: int = 1) -> np.ndarray:
@@ -238,6 +247,7 @@ def _way_back(pipe: Any, prompt: str, forward: Target, parent: int) -> Target:
     blend = forward.blend
     if blend is not None:
         source, ahead = plan_branches(Recipe(prompt, (forward,)), pipe.tokenizer)
+        assert ahead.alignment is not None  # a target's branch is aligned to its parent
         tokens = [t for word in blend.words for t in ahead.prompt.token_indices(word)]
         owner = source.prompt.word_of_token()
         words = sorted({owner[t] for t in np.flatnonzero(ahead.alignment.matrix[:, tokens].sum(1)) if owner[t] >= 0})
@@ -299,7 +309,7 @@ class Sweep:
             Path(path).write_text(text, encoding="utf-8")
         return text
 
-    def contact_sheet(self, columns: int | None = None, tile: int = 160):
+    def contact_sheet(self, columns: int | None = None, tile: int = 160) -> Image.Image:
         """The source, then every point's edited image labelled with its settings (PIL)."""
         from .plot import tile_images
 
@@ -322,7 +332,9 @@ def _grid(name: str, values: Any, low: float, high: float, high_open: bool = Fal
         bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
         if bad or not low <= value <= high or (high_open and value >= high):
             closing = ")" if high_open else "]"
-            raise ValueError(f"the sweep's {name} grid holds {value!r}; its values are numbers in [{low:g}, {high:g}{closing}")
+            raise ValueError(
+                f"the sweep's {name} grid holds {value!r}; its values are numbers in [{low:g}, {high:g}{closing}"
+            )
     return tuple(float(v) for v in values)
 
 
@@ -375,15 +387,28 @@ def sweep(
         for kk in _grid("k", k, 0.0, 1.0, high_open=True)
         for v in _grid("values", values, 0.0, 1.0)
     ]
-    words = None if blend is None else ((blend,) if isinstance(blend, str) else tuple(blend))
+    words: tuple[str, ...] = () if blend is None else ((blend,) if isinstance(blend, str) else tuple(blend))
     if any(p.k > 0 for p in grid) and not words:
-        raise ValueError("the k grid has thresholds above 0 but no blend words; give blend=(words of the edited prompt)")
-    if max_targets is not None and (isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 2):
-        raise ValueError(f"max_targets is the most branches per pass besides the source, at least 2, not {max_targets!r}")
+        raise ValueError(
+            "the k grid has thresholds above 0 but no blend words; give blend=(words of the edited prompt)"
+        )
+    if max_targets is not None and (
+        isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 2
+    ):
+        raise ValueError(
+            f"max_targets is the most branches per pass besides the source, at least 2, not {max_targets!r}"
+        )
 
     def forward(point: SweepPoint) -> Target:
         local = LocalBlend(words, threshold=point.k) if point.k > 0 else None
-        return Target(edited, cross=point.cross, self_attn=point.self_attn, blend=local, values=point.values, value_beta=value_beta)
+        return Target(
+            edited,
+            cross=point.cross,
+            self_attn=point.self_attn,
+            blend=local,
+            values=point.values,
+            value_beta=value_beta,
+        )
 
     targets = [forward(p) for p in grid]
     backs = {}  # the way back of each point, made once (it tokenises)
@@ -394,10 +419,11 @@ def sweep(
     while passes:
         chunk = passes.pop(0)
         branches = []
-        for j, point in enumerate(chunk):
-            if point not in backs:
-                backs[point] = _way_back(pipe, prompt, targets[point], 0)
-            branches += [targets[point], replace(backs[point], parent=1 + 2 * j)]
+        for j, number in enumerate(chunk):
+            if number not in backs:
+                backs[number] = _way_back(pipe, prompt, targets[number], 0)
+            branches += [targets[number], replace(backs[number], parent=1 + 2 * j)]
+
         def report(progress: Progress, before: int = finished, passes_left: int = len(passes)) -> None:
             if callback is not None:  # steps counted across the passes, the run's own step count per pass
                 step, total = before * progress.steps + progress.step, (before + 1 + passes_left) * progress.steps
@@ -410,8 +436,8 @@ def sweep(
                 raise
             passes[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
             continue
-        for j, point in enumerate(chunk):
-            results[point] = (result, 1 + 2 * j)
+        for j, number in enumerate(chunk):
+            results[number] = (result, 1 + 2 * j)
         finished += 1
 
     rows, edited_images, returned_images = [], [], []

@@ -42,6 +42,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -199,9 +200,7 @@ class ObjectSpec:
 
     def __post_init__(self) -> None:
         ObjectWords(self.shape, self.color, self.size, self.texture)  # validates the words
-        if self.scale is None:
-            object.__setattr__(self, "scale", _DEFAULT_SCALE[self.size])
-        scale = float(self.scale)
+        scale = float(_DEFAULT_SCALE[self.size] if self.scale is None else self.scale)
         if not 0.0 <= scale <= 1.0:
             raise ValueError(f"scale must lie in [0, 1], got {scale}")
         if _size_word(scale) != self.size:
@@ -282,9 +281,7 @@ def parse_caption(text: str) -> SceneWords:
     vocab = vocabulary()
     for tok in tokens:
         if tok not in vocab:
-            raise ValueError(
-                f"unknown word {tok!r} in caption {text!r}; the vocabulary is: {', '.join(vocab)}"
-            )
+            raise ValueError(f"unknown word {tok!r} in caption {text!r}; the vocabulary is: {', '.join(vocab)}")
     pos = 0
 
     def take(allowed: tuple[str, ...], what: str, optional: bool = False) -> str | None:
@@ -368,10 +365,10 @@ _HALF_EXTENT = {s: np.abs(p).max(0) for s, p in _POLYGONS.items()}
 
 def _rasterize(pts: np.ndarray, height: int, width: int) -> tuple[int, int, np.ndarray] | None:
     """Coverage of a polygon (pixel coordinates) as ``(y0, x0, cov)`` over its bounding box, or None."""
-    x0 = max(int(math.floor(pts[:, 0].min())), 0)
-    x1 = min(int(math.ceil(pts[:, 0].max())), width)
-    y0 = max(int(math.floor(pts[:, 1].min())), 0)
-    y1 = min(int(math.ceil(pts[:, 1].max())), height)
+    x0 = max(math.floor(pts[:, 0].min()), 0)
+    x1 = min(math.ceil(pts[:, 0].max()), width)
+    y0 = max(math.floor(pts[:, 1].min()), 0)
+    y1 = min(math.ceil(pts[:, 1].max()), height)
     if x1 <= x0 or y1 <= y0:
         return None
     ss = _SUPERSAMPLE
@@ -397,6 +394,7 @@ def _inset(pts: np.ndarray, d: float) -> np.ndarray:
 
 
 def _object_polygon(obj: ObjectSpec, size: int) -> np.ndarray:
+    assert obj.scale is not None  # for the type checker: ObjectSpec.__post_init__ fills it in
     return _POLYGONS[obj.shape] * (diameter(obj.scale, size) / 2) + (obj.center_x, obj.center_y)
 
 
@@ -410,16 +408,15 @@ def _texture_weight(texture: str, xs: np.ndarray, ys: np.ndarray, k: float) -> n
     # dotted: hexagonal grid, distance to the nearest dot centre (two candidate rows)
     period, radius = _DOT_PERIOD * k, _DOT_RADIUS * k
     row_h = period * math.sqrt(3) / 2
-    best = None
     base = np.floor(ys / row_h)
+    distances = []
     for dr in (0.0, 1.0):
         row = base + dr
         dy = ys - row * row_h
         shift = np.mod(row, 2) * (period / 2)
         dx = np.mod(xs - shift + period / 2, period) - period / 2
-        d = np.hypot(dx, dy)
-        best = d if best is None else np.minimum(best, d)
-    return np.clip(radius - best + 0.5, 0.0, 1.0)
+        distances.append(np.hypot(dx, dy))
+    return np.clip(radius - np.minimum(*distances) + 0.5, 0.0, 1.0)
 
 
 @lru_cache(maxsize=16)
@@ -449,6 +446,7 @@ def _render_arrays(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         h, w = cov.shape
         alphas[i, y0 : y0 + h, x0 : x0 + w] = cov
         rgb = np.asarray(COLOR_RGB[obj.color], np.float32)
+        color: np.ndarray
         if obj.texture == "plain":
             color = rgb
         else:
@@ -533,15 +531,15 @@ def place(
             sc = [float(s) for s in scales]
         else:
             sc = [_uniform(rng, *_SCALE_RANGES[w.size]) for w in words.objects]
-        centers = []
+        centers = []  # (lowest, highest) centre of each object, as (x, y) pairs
         radii = []
         for w, s in zip(words.objects, sc):
             half = _HALF_EXTENT[w.shape] * diameter(s, size) / 2
             radii.append(diameter(s, size) / 2)
             lo, hi = half + margin, size - half - margin
-            centers.append(None if np.any(hi < lo) else (lo, hi))
-        if any(c is None for c in centers):
-            raise ValueError("object does not fit in the image")
+            if np.any(hi < lo):
+                raise ValueError("object does not fit in the image")
+            centers.append((lo, hi))
         for _ in range(50):
             pos = [(_uniform(rng, lo[0], hi[0]), _uniform(rng, lo[1], hi[1])) for lo, hi in centers]
             if n == 1 or math.dist(pos[0], pos[1]) >= (1 - max_overlap) * (radii[0] + radii[1]):
@@ -560,7 +558,7 @@ def sample_scene(
     size: int = 64,
     two_objects_p: float = 0.5,
     texture_p: float = 0.3,
-    **kwargs,
+    **kwargs: Any,
 ) -> Scene:
     """A random scene; deterministic for a given generator state.
 
@@ -572,19 +570,19 @@ def sample_scene(
     return place(words, rng, size, **place_kw)
 
 
-def iter_dataset(n: int, seed: int, size: int = 64, **kwargs) -> Iterator[RenderedScene]:
+def iter_dataset(n: int, seed: int, size: int = 64, **kwargs: Any) -> Iterator[RenderedScene]:
     """``n`` rendered random scenes from one seed (keywords as for :func:`sample_scene`)."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield render(sample_scene(rng, size, **kwargs))
 
 
-def dataset(n: int, seed: int, size: int = 64, **kwargs) -> list[RenderedScene]:
+def dataset(n: int, seed: int, size: int = 64, **kwargs: Any) -> list[RenderedScene]:
     """A list of ``n`` rendered random scenes; same as ``list(iter_dataset(...))``."""
     return list(iter_dataset(n, seed, size, **kwargs))
 
 
-def batch(n: int, seed: int, size: int = 64, **kwargs) -> tuple[np.ndarray, list[str]]:
+def batch(n: int, seed: int, size: int = 64, **kwargs: Any) -> tuple[np.ndarray, list[str]]:
     """Training data: images (n, size, size, 3) uint8 and their captions (same scenes as :func:`dataset`)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), np.uint8)
@@ -597,6 +595,7 @@ def batch(n: int, seed: int, size: int = 64, **kwargs) -> tuple[np.ndarray, list
 
 
 # --------------------------------------------------------------------------- measurement
+
 
 def _hue_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hue in degrees [0, 360) and chroma (max - min) of float RGB values (..., 3)."""
@@ -676,7 +675,9 @@ def _shape_scores(mask: np.ndarray, hidden: np.ndarray | None = None) -> dict[st
         if (hidden & _dilate(mask)).any():
             # occluded: the whole shape is larger than what shows, its centroid pulled away
             seen = ~hidden
-            variants = [(f, dy, dx) for f in (1.0, 1.15, 1.3, 1.5) for dy in (-1.0, 0.0, 1.0) for dx in (-1.0, 0.0, 1.0)]
+            variants = [
+                (f, dy, dx) for f in (1.0, 1.15, 1.3, 1.5) for dy in (-1.0, 0.0, 1.0) for dx in (-1.0, 0.0, 1.0)
+            ]
     scores = {}
     for shape in SHAPES:
         best = 0.0
