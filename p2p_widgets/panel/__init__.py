@@ -10,16 +10,22 @@ and notebooks can drive it without a browser.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .session import EditRow, Entry, Session, Settings, State, View, WordChoice
 from .view import PanelView
+
+if TYPE_CHECKING:
+    import ipywidgets
 
 __all__ = ["P2PPanel", "Session", "Settings", "EditRow", "WordChoice", "State", "View", "Entry", "PanelView"]
 
 
 _EXAMPLES = {  # prompts to start from when none are given, by model name
-    "shapes": ("a big red circle and a small blue square on a black background", "a big red star and a small blue square on a black background"),
+    "shapes": (
+        "a big red circle and a small blue square on a black background",
+        "a big red star and a small blue square on a black background",
+    ),
 }
 _DEFAULT_EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")
 _MODEL_SETTINGS = {  # defaults that suit a model, unless given
@@ -52,6 +58,7 @@ class P2PPanel:
     ):
         from ..models import load_pipeline, model_name
 
+        model: str | None
         if isinstance(pipe, str):
             model, pipe = pipe, load_pipeline(pipe)
         else:
@@ -62,7 +69,9 @@ class P2PPanel:
             source, example = _EXAMPLES.get(model or "", _DEFAULT_EXAMPLE)
             edits = (example,) if edits is None else edits
         rows = tuple(e if isinstance(e, EditRow) else EditRow(e) for e in (edits or ("",)))
-        self.session = Session(pipe, Settings(source=source, edits=rows, **settings), preview_every=preview_every, model=model)
+        self.session = Session(
+            pipe, Settings(source=source, edits=rows, **settings), preview_every=preview_every, model=model
+        )
         self.view = PanelView(self.session)
 
     @property
@@ -71,7 +80,8 @@ class P2PPanel:
         return self.view.widgets
 
     @property
-    def root(self):
+    def root(self) -> ipywidgets.VBox:
+        """The panel's outermost widget (what a notebook cell shows)."""
         return self.view.root
 
     def _ipython_display_(self) -> None:
@@ -84,4 +94,7 @@ class P2PPanel:
 
     def __repr__(self) -> str:
         state = self.session.state
-        return f"P2PPanel(source={state.settings.source!r}, edits={len(state.settings.edits)}, runs={len(state.history)}, status={state.status!r})"
+        return (
+            f"P2PPanel(source={state.settings.source!r}, edits={len(state.settings.edits)}, "
+            f"runs={len(state.history)}, status={state.status!r})"
+        )

@@ -58,7 +58,7 @@ def enable_colab() -> bool:
     """On Colab, turn on the custom widget manager (third-party widgets need it); returns
     whether this is Colab."""
     try:
-        from google.colab import output  # type: ignore[import-not-found]
+        from google.colab import output
     except ImportError:
         return False
     output.enable_custom_widget_manager()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
@@ -58,42 +60,78 @@ class PanelView:
         self._draw_lock = threading.RLock()
         self._last: State | None = None
         self.errors: list[str] = []  # exceptions raised inside callbacks (ipywidgets would hide them)
-        w = self.widgets = {}
+        w: dict[str, Any] = {}  # ipywidgets ships no types: its widgets are Any to the type checker
+        self.widgets = w
         # -- prompts
-        w["source"] = widgets.Text(description="Source", placeholder="a cat riding a bicycle", style=_WIDE, layout=widgets.Layout(width="98%"))
+        w["source"] = widgets.Text(
+            description="Source", placeholder="a cat riding a bicycle", style=_WIDE, layout=widgets.Layout(width="98%")
+        )
         w["edits"] = widgets.VBox()
-        w["add_edit"] = compat.tooltip(widgets.Button(description="+ edited prompt", layout=widgets.Layout(width="160px")), "add another edited prompt")
+        w["add_edit"] = compat.tooltip(
+            widgets.Button(description="+ edited prompt", layout=widgets.Layout(width="160px")),
+            "add another edited prompt",
+        )
         # -- token picker
         w["chips"] = widgets.VBox()
-        w["word"] = widgets.HTML("<i>click a word of an edited prompt to re-weight it, preserve it or edit only there</i>")
+        w["word"] = widgets.HTML(
+            "<i>click a word of an edited prompt to re-weight it, preserve it or edit only there</i>"
+        )
         lo, hi = session.weight_range
-        w["weight"] = widgets.FloatSlider(value=1.0, min=lo, max=hi, step=0.1, description="re-weight", style=_WIDE, continuous_update=False)
-        w["preserve"] = compat.tooltip(widgets.Checkbox(description="preserve (inject from the source)", indent=False), "object preservation: inject only the preserved words' maps from the source")
-        w["local"] = compat.tooltip(widgets.Checkbox(description="edit only here (local blend)", indent=False), "confine the edit to where this word attends")
+        w["weight"] = widgets.FloatSlider(
+            value=1.0, min=lo, max=hi, step=0.1, description="re-weight", style=_WIDE, continuous_update=False
+        )
+        w["preserve"] = compat.tooltip(
+            widgets.Checkbox(description="preserve (inject from the source)", indent=False),
+            "object preservation: inject only the preserved words' maps from the source",
+        )
+        w["local"] = compat.tooltip(
+            widgets.Checkbox(description="edit only here (local blend)", indent=False),
+            "confine the edit to where this word attends",
+        )
         # -- settings
         w["seed"] = widgets.IntText(description="seed", style=_WIDE, layout=widgets.Layout(width="260px"))
-        w["new_seed"] = compat.tooltip(widgets.Button(description="new seed", layout=widgets.Layout(width="100px")), "draw a random seed")
+        w["new_seed"] = compat.tooltip(
+            widgets.Button(description="new seed", layout=widgets.Layout(width="100px")), "draw a random seed"
+        )
         w["steps"] = widgets.IntSlider(min=1, max=100, description="steps", style=_WIDE, continuous_update=False)
-        w["guidance"] = widgets.FloatSlider(min=1.0, max=15.0, step=0.5, description="guidance", style=_WIDE, continuous_update=False)
+        w["guidance"] = widgets.FloatSlider(
+            min=1.0, max=15.0, step=0.5, description="guidance", style=_WIDE, continuous_update=False
+        )
         self._sizes = list(session.size_options())  # Dropdown values are indices: None means "no selection" in 8.x
-        w["size"] = widgets.Dropdown(options=[(label, i) for i, (label, _) in enumerate(self._sizes)], description="size", style=_WIDE)
-        w["cross"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="cross inject", style=_WIDE, continuous_update=False)
-        w["self_attn"] = widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="self inject", style=_WIDE, continuous_update=False)
+        w["size"] = widgets.Dropdown(
+            options=[(label, i) for i, (label, _) in enumerate(self._sizes)], description="size", style=_WIDE
+        )
+        w["cross"] = widgets.FloatRangeSlider(
+            min=0.0, max=1.0, step=0.05, description="cross inject", style=_WIDE, continuous_update=False
+        )
+        w["self_attn"] = widgets.FloatRangeSlider(
+            min=0.0, max=1.0, step=0.05, description="self inject", style=_WIDE, continuous_update=False
+        )
         w["threshold"] = compat.tooltip(
-            widgets.FloatSlider(min=0.0, max=0.95, step=0.05, description="blend k", style=_WIDE, continuous_update=False),
+            widgets.FloatSlider(
+                min=0.0, max=0.95, step=0.05, description="blend k", style=_WIDE, continuous_update=False
+            ),
             "local-blend threshold k; 0: no blending",
         )
         w["values"] = compat.tooltip(
-            widgets.FloatRangeSlider(min=0.0, max=1.0, step=0.05, description="value inject", style=_WIDE, continuous_update=False),
+            widgets.FloatRangeSlider(
+                min=0.0, max=1.0, step=0.05, description="value inject", style=_WIDE, continuous_update=False
+            ),
             "CL P2P value injection: unchanged words take the source's attention values in these steps; "
             "keeps the rest closer to the source, but past about half the steps it can undo the edit",
         )
         w["value_beta"] = compat.tooltip(
-            widgets.FloatSlider(min=0.0, max=1.0, step=0.05, description="value beta", style=_WIDE, continuous_update=False),
+            widgets.FloatSlider(
+                min=0.0, max=1.0, step=0.05, description="value beta", style=_WIDE, continuous_update=False
+            ),
             "the source's share of the injected values: (1 - beta) V + beta V_source; "
             "a low share can run over all the steps and keep the edit",
         )
-        presets = [("custom", ""), ("literature: k 0.3, cross 0.8, self 0.2", "literature"), ("optimised (CL P2P): k 0, cross 0.2, self 0.8", "optimised")]
+        presets = [
+            ("custom", ""),
+            ("literature: k 0.3, cross 0.8, self 0.2", "literature"),
+            ("optimised (CL P2P): k 0, cross 0.2, self 0.8", "optimised"),
+        ]
         w["preset"] = widgets.Dropdown(options=presets, value="", description="preset", style=_WIDE)
         # -- run
         w["generate"] = widgets.Button(description="Generate", button_style="primary", icon="play")
@@ -113,8 +151,12 @@ class PanelView:
         # -- output
         w["images"] = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         w["branch"] = widgets.Dropdown(description="heatmaps of", options=[("source", 0)], style=_WIDE)
-        w["mode"] = widgets.ToggleButtons(options=[("heatmaps", "heatmaps"), ("difference", "difference")], style={"button_width": "85px"})
-        w["overlay"] = widgets.ToggleButtons(options=[("overlay", True), ("raw", False)], style={"button_width": "70px"})
+        w["mode"] = widgets.ToggleButtons(
+            options=[("heatmaps", "heatmaps"), ("difference", "difference")], style={"button_width": "85px"}
+        )
+        w["overlay"] = widgets.ToggleButtons(
+            options=[("overlay", True), ("raw", False)], style={"button_width": "70px"}
+        )
         self._factors: list[int | None] = [None]
         w["resolution"] = widgets.Dropdown(description="resolution", options=[("all", 0)], style=_WIDE)
         w["all_steps"] = widgets.Checkbox(value=True, description="average of all steps", indent=False)
@@ -125,8 +167,12 @@ class PanelView:
         # -- history and files
         w["history"] = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         w["folder"] = widgets.Text(value="p2p_exports", description="folder", style=_WIDE)
-        w["export"] = compat.tooltip(widgets.Button(description="Export"), "write the shown run's PNGs (recipe embedded) and recipe JSON")
-        w["recipe_path"] = widgets.Text(placeholder="path/to/p2p_run1_0.png or .json", description="recipe file", style=_WIDE)
+        w["export"] = compat.tooltip(
+            widgets.Button(description="Export"), "write the shown run's PNGs (recipe embedded) and recipe JSON"
+        )
+        w["recipe_path"] = widgets.Text(
+            placeholder="path/to/p2p_run1_0.png or .json", description="recipe file", style=_WIDE
+        )
         w["load"] = widgets.Button(description="Load recipe")
         w["upload"] = widgets.FileUpload(accept=".png,.json", multiple=False, description="upload recipe")
 
@@ -147,7 +193,9 @@ class PanelView:
             ]
         )
         w["settings"] = widgets.Accordion(children=[settings_box])
-        compat.set_titles(w["settings"], ["settings: seed, steps, guidance, size, injection windows and presets, blend threshold"])
+        compat.set_titles(
+            w["settings"], ["settings: seed, steps, guidance, size, injection windows and presets, blend threshold"]
+        )
         self.root = widgets.VBox(
             [
                 w["source"],
@@ -179,7 +227,7 @@ class PanelView:
         self._on_state(session.state)
 
     # -- user -> session --------------------------------------------------------------
-    def _guard(self, action):
+    def _guard(self, action: Callable[..., object]) -> Callable[..., None]:
         """Wrap a callback: skip it while the view itself writes widgets; show any
         exception in the status line (replacing any error shown before) and keep it in
         ``errors``, instead of letting ipywidgets swallow it into a log."""
@@ -195,7 +243,7 @@ class PanelView:
 
         return handler
 
-    def _on_value(self, name: str, action) -> None:
+    def _on_value(self, name: str, action: Callable[[Any], object]) -> None:
         self.widgets[name].observe(self._guard(lambda change: action(change["new"])), names="value")
 
     def _connect(self) -> None:
@@ -254,18 +302,15 @@ class PanelView:
         self.session.choose(selected[0], selected[1], **choice)
 
     # -- session -> widgets -----------------------------------------------------------
-    def _drawing(self):
-        view = self
-
-        class Drawing:
-            def __enter__(self) -> None:
-                self.previous = getattr(view._local, "drawing", False)
-                view._local.drawing = True
-
-            def __exit__(self, *exc: Any) -> None:
-                view._local.drawing = self.previous
-
-        return Drawing()
+    @contextmanager
+    def _drawing(self) -> Iterator[None]:
+        """While the view writes widgets from state: their change events are not user input."""
+        previous = getattr(self._local, "drawing", False)
+        self._local.drawing = True
+        try:
+            yield
+        finally:
+            self._local.drawing = previous
 
     def _on_state(self, state: State) -> None:
         with self._draw_lock, self._drawing():
@@ -286,7 +331,9 @@ class PanelView:
                     self._draw_output(state, last)
             except Exception as error:  # a drawing bug must not take the session down, nor hide
                 self.errors.append(f"{type(error).__name__}: {error}")
-                problem = html.escape(f"the panel could not redraw ({type(error).__name__}: {error}); what it shows may be out of date")
+                problem = html.escape(
+                    f"the panel could not redraw ({type(error).__name__}: {error}); what it shows may be out of date"
+                )
                 self.widgets["status"].value = f"<span style='color:#b00020'>&#9888; {problem}</span>"
 
     def _set(self, name: str, value: Any) -> None:
@@ -300,7 +347,7 @@ class PanelView:
         self._set("seed", settings.seed)
         self._set("steps", settings.steps)
         self._set("guidance", settings.guidance)
-        if settings.size not in [size for _, size in self._sizes]:  # e.g. from a loaded recipe
+        if settings.size is not None and settings.size not in [size for _, size in self._sizes]:  # e.g. from a recipe
             self._sizes.append((f"{settings.size[0]}x{settings.size[1]}", settings.size))
             self.widgets["size"].options = [(label, i) for i, (label, _) in enumerate(self._sizes)]
         self._set("size", [size for _, size in self._sizes].index(settings.size))
@@ -325,11 +372,23 @@ class PanelView:
         rows = []
         self._edit_rows = []
         for row in range(1, count + 1):
-            prompt = widgets.Text(description=f"Edit {row}", placeholder="edited prompt (empty: the source, to re-weight)", style=_WIDE, layout=widgets.Layout(width="60%"))
-            kind = compat.tooltip(widgets.Dropdown(options=list(self.session.kinds), layout=widgets.Layout(width="90px")), "auto: a swap when the word counts match, else a refinement")
+            prompt = widgets.Text(
+                description=f"Edit {row}",
+                placeholder="edited prompt (empty: the source, to re-weight)",
+                style=_WIDE,
+                layout=widgets.Layout(width="60%"),
+            )
+            kind = compat.tooltip(
+                widgets.Dropdown(options=list(self.session.kinds), layout=widgets.Layout(width="90px")),
+                "auto: a swap when the word counts match, else a refinement",
+            )
             inferred = widgets.HTML(layout=widgets.Layout(width="80px"))
-            remove = compat.tooltip(widgets.Button(description="remove", layout=widgets.Layout(width="80px")), "remove this edited prompt")
-            prompt.observe(self._guard(lambda change, r=row: self.session.set_edit(r, prompt=change["new"])), names="value")
+            remove = compat.tooltip(
+                widgets.Button(description="remove", layout=widgets.Layout(width="80px")), "remove this edited prompt"
+            )
+            prompt.observe(
+                self._guard(lambda change, r=row: self.session.set_edit(r, prompt=change["new"])), names="value"
+            )
             kind.observe(self._guard(lambda change, r=row: self.session.set_edit(r, kind=change["new"])), names="value")
             remove.on_click(self._guard(lambda _, r=row: self.session.remove_edit(r)))
             self._edit_rows.append(dict(prompt=prompt, kind=kind, inferred=inferred, remove=remove))
@@ -354,10 +413,10 @@ class PanelView:
             for word in self.session.words(row):
                 choice = choices.get(word.index)
                 badge = choice.badge() if choice is not None else ""
-                selected = state.selected == (row, word.index)
+                chosen = state.selected == (row, word.index)
                 button = widgets.Button(
                     description=word.text + (f" [{badge}]" if badge else ""),
-                    button_style="info" if selected else ("warning" if badge else ""),
+                    button_style="info" if chosen else ("warning" if badge else ""),
                     layout=_CHIP,
                 )
                 tokens = len(word.tokens)
@@ -399,7 +458,9 @@ class PanelView:
         items: list[widgets.Widget] = [widgets.HTML("<b>chain</b>")]
         for step, prompt in enumerate(crumbs):
             label = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-            button = compat.tooltip(widgets.Button(description=f"{step}: {label}", layout=widgets.Layout(width="auto")), prompt)
+            button = compat.tooltip(
+                widgets.Button(description=f"{step}: {label}", layout=widgets.Layout(width="auto")), prompt
+            )
             button.on_click(self._guard(lambda _, n=step: self.session.back_to(n)))
             items += [widgets.HTML("&rsaquo;")] if step else []
             items.append(button)

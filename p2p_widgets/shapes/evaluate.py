@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,7 +172,7 @@ def saturation(image: Any, mask: np.ndarray) -> float:
     return float(np.median(pixels.max(axis=-1) - pixels.min(axis=-1)))
 
 
-def _rises(values: list[float]) -> bool:
+def _rises(values: Sequence[float]) -> bool:
     """Never falls from one weight to the next, and ends higher than it starts."""
     return bool(np.all(np.diff(values) >= 0) and values[-1] > values[0])
 
@@ -202,8 +203,10 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         if masks is None:
             continue
         correct += 1
+        record = result.attention
+        assert record is not None  # for the type checker: edit records attention by default
         for mask, index in zip(masks, _word_indices(words)):
-            heat = _upsample(result.attention.word_map(0, index["shape"]), image.shape[0])
+            heat = _upsample(record.word_map(0, index["shape"]), image.shape[0])
             ious.append(_iou(_threshold(heat, floor=True), mask))
             ious_max.append(_iou(_threshold(heat, floor=False), mask))
 
@@ -218,27 +221,28 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         else:
             new = ObjectWords(_other(rng, SHAPES, obj.shape), obj.color, obj.size, obj.texture)
         edited = SceneWords((new,), words.background)
-        outcomes = {}
+        outcomes: dict[bool, bool] = {}
         for injected in (True, False):
-            window = dict(cross=0.8, self_attn=0.4) if injected else dict(cross=0.0, self_attn=0.0)
-            result = edit(pipe, caption(words), Target(caption(edited), **window), seed=10_000 + i, **run)
-            source, target = _pixels(result.images[0]), _pixels(result.images[1])
+            cross, self_attn = (0.8, 0.4) if injected else (0.0, 0.0)
+            swap = Target(caption(edited), cross=cross, self_attn=self_attn)
+            result = edit(pipe, caption(words), swap, seed=10_000 + i, **run)
+            source, swapped = _pixels(result.images[0]), _pixels(result.images[1])
             before = _correct(source, words)
-            after = find_object(target, new.color)
+            after = find_object(swapped, new.color)
             if before is None:
-                outcomes = None
-                break
-            ok = after is not None and classify_shape(after) == new.shape
-            moved = ok and math.dist(centroid(before[0]), centroid(after)) <= 3.0 * _image_scale(source)
-            outcomes[injected] = bool(ok and moved)
-        if outcomes is None:
-            continue
-        swaps += 1
-        for injected, ok in outcomes.items():
-            kept[injected] += ok
+                break  # the source missed its prompt: no swap to judge
+            outcomes[injected] = (  # the new shape, where the old one was
+                after is not None
+                and classify_shape(after) == new.shape
+                and math.dist(centroid(before[0]), centroid(after)) <= 3.0 * _image_scale(source)
+            )
+        else:
+            swaps += 1
+            for injected, ok in outcomes.items():
+                kept[injected] += ok
 
     # 3. Local blending: recolour the second of two objects; compare outside it.
-    background = {True: [], False: []}
+    background: dict[bool, list[float]] = {True: [], False: []}
     for i in range(settings.blends):
         words = sample_words(rng, two_objects_p=1.0)
         first, second = words.objects
@@ -246,7 +250,9 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         edited = SceneWords((first, ObjectWords(second.shape, color, second.size, second.texture)), words.background)
         index = _word_indices(edited)[1]
         for blended in (True, False):
-            blend = LocalBlend((index["color"], index["shape"]), threshold=settings.blend_threshold) if blended else None
+            blend = (
+                LocalBlend((index["color"], index["shape"]), threshold=settings.blend_threshold) if blended else None
+            )
             result = edit(pipe, caption(words), Target(caption(edited), blend=blend), seed=20_000 + i, **run)
             source, target = _pixels(result.images[0]), _pixels(result.images[1])
             masks = _correct(source, words)
@@ -276,19 +282,19 @@ def evaluate(pipe: Any, settings: EvalSettings = EvalSettings()) -> dict[str, An
         targets = [Target(text, reweight={index[kind]: w}) for kind in ("color", "size") for w in settings.weights]
         result = edit(pipe, text, *targets, seed=30_000 + i, **run)
         pixels = _pixels(result.images[0])
-        source = find_object(pixels, obj.color)
-        if source is None:
+        inside = find_object(pixels, obj.color)  # the source's object
+        if inside is None:
             continue
         sweeps += 1
         n = len(settings.weights)
-        saturations = [saturation(_pixels(image), source) for image in result.images[1 : 1 + n]]
+        saturations = [saturation(_pixels(picture), inside) for picture in result.images[1 : 1 + n]]
         areas = []
-        for image in result.images[1 + n :]:
-            mask = find_object(_pixels(image), obj.color)
-            areas.append(0 if mask is None else int(mask.sum()))
+        for picture in result.images[1 + n :]:
+            found = find_object(_pixels(picture), obj.color)
+            areas.append(0 if found is None else int(found.sum()))
         rising["color"] += _rises(saturations)
         rising["size"] += _rises(areas if obj.size == "big" else [-a for a in areas])
-        saturation_change.append((saturations[-1] - saturations[0]) / max(saturation(pixels, source), 1.0))
+        saturation_change.append((saturations[-1] - saturations[0]) / max(saturation(pixels, inside), 1.0))
 
     def fraction(count: int, total: int) -> float | None:
         return round(count / total, 4) if total else None

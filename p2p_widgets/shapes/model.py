@@ -55,7 +55,10 @@ class ModelConfig:
             raise ValueError(f"cross_levels must be between 1 and {len(self.unet_channels)}")
         heads = self.level_heads
         if len(heads) != len(self.unet_channels):
-            raise ValueError(f"heads has {len(heads)} entries for {len(self.unet_channels)} UNet levels; give one per level or one int")
+            raise ValueError(
+                f"heads has {len(heads)} entries for {len(self.unet_channels)} UNet levels; "
+                "give one per level or one int"
+            )
         for channels, count in zip(self.unet_channels, heads):
             if count < 1 or channels % count:
                 raise ValueError(f"{count} heads do not divide a level of {channels} channels")

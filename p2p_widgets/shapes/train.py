@@ -28,9 +28,10 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,16 @@ from ..tokenizer import write_vocabulary_files
 from .data import batch, vocabulary
 from .model import ModelConfig, build_pipeline, scheduler_config
 
-__all__ = ["TrainConfig", "edge_weights", "loss_weights", "train", "train_vae", "refine_decoder", "train_denoiser", "main"]
+__all__ = [
+    "TrainConfig",
+    "edge_weights",
+    "loss_weights",
+    "train",
+    "train_vae",
+    "refine_decoder",
+    "train_denoiser",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -228,16 +238,19 @@ def train_denoiser(
     weights in place (as they would be saved), then training goes on.
     """
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    noise_schedule = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")})
+    noise_schedule = DDPMScheduler(
+        **{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
     alphas = noise_schedule.alphas_cumprod  # (1000,)
     unet.train()
     text_encoder.train()
     parameters = [*unet.parameters(), *text_encoder.parameters()]
+    groups: list[dict[str, Any]] = [
+        {"params": list(unet.parameters())},
+        {"params": list(text_encoder.parameters()), "lr": config.denoiser_lr * config.text_lr_scale},
+    ]
     optimizer = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters())},
-            {"params": list(text_encoder.parameters()), "lr": config.denoiser_lr * config.text_lr_scale},
-        ],
+        groups,
         lr=config.denoiser_lr,
         weight_decay=1e-2,
     )
@@ -252,7 +265,9 @@ def train_denoiser(
         images, captions = _images(_data_seed(config, _DENOISER, step), config.batch_size, config.model.image_size)
         drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
         captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist())]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             x0 = vae.encode(images).latent_dist.sample(generator) * scaling
         # 1. x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t uniform over the 1000 training steps
@@ -268,13 +283,18 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        if average is not None:  # decay warms up so the average does not remember the random start
+        if average is not None and config.ema_decay:  # decay warms up: the average forgets the random start
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(average, [p.detach() for p in parameters], 1 - decay)
         if report is not None:
             report("denoiser", step, config.denoiser_steps, loss.item())
-        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < config.denoiser_steps:
+        if (
+            checkpoint is not None
+            and checkpoint_every
+            and (step + 1) % checkpoint_every == 0
+            and step + 1 < config.denoiser_steps
+        ):
             current = [p.detach().clone() for p in parameters]
             _assign(parameters, average or current)
             unet.eval()
@@ -311,7 +331,7 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    np.random.seed(config.seed)  # noqa: NPY002 -- for any library code that draws from numpy's global state
     pipe = build_pipeline(config.model, seed=config.seed)
     started = time.perf_counter()
     if vae_from is None:
@@ -330,6 +350,7 @@ def train(
         write_vocabulary_files(folder / "tokenizer", vocabulary())  # for transformers < 5
 
     def checkpoint(step: int) -> None:
+        assert out is not None  # for the type checker: passed on only with a folder
         save(out / f"checkpoint-{step}")
 
     train_denoiser(pipe, config, report, checkpoint if out is not None else None, checkpoint_every)
@@ -352,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to save the pipeline in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    parser.add_argument("--decoder-steps", type=int, default=TrainConfig.decoder_steps, help="decoder refinement steps (0: none)")
+    parser.add_argument(
+        "--decoder-steps", type=int, default=TrainConfig.decoder_steps, help="decoder refinement steps (0: none)"
+    )
     parser.add_argument("--denoiser-steps", type=int, default=TrainConfig.denoiser_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.denoiser_lr, help="denoiser learning rate")
