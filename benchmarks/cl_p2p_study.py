@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ VALUE_SETTINGS = {  # name: (window, beta)
 }
 
 
-def _pixels(image) -> np.ndarray:
+def _pixels(image: Any) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
@@ -66,7 +68,7 @@ def _capped(value: float) -> float:
     return min(value, 100.0)
 
 
-def _outside_edit(source, target, colours: tuple[str, str]) -> np.ndarray:
+def _outside_edit(source: Any, target: Any, colours: tuple[str, str]) -> np.ndarray:
     """Pixels outside the edited object in both images (found by its colour before and after)."""
     changed = np.zeros(_pixels(source).shape[:2], dtype=bool)
     for image, colour in zip((source, target), colours):
@@ -76,13 +78,13 @@ def _outside_edit(source, target, colours: tuple[str, str]) -> np.ndarray:
     return ~dilate(changed, 2)
 
 
-def _score(table: dict, source, edited_image, edited: str, colours: tuple[str, str]) -> None:
+def _score(table: dict[str, list[Any]], source: Any, edited_image: Any, edited: str, colours: tuple[str, str]) -> None:
     """Append edit success and the background PSNR outside the edited object to ``table``."""
     table["success"].append(prompt_matches(edited_image, edited))
     table["background"].append(_capped(psnr(source, edited_image, _outside_edit(source, edited_image, colours))))
 
 
-def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1)) -> dict:
+def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     pipe = load_pipeline("shapes")
     edits = EDITS[:3] if quick else EDITS
     seeds = seeds[:1] if quick else seeds
@@ -97,8 +99,12 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
             "two_run_with",
         )
     }
-    values = {name: {"success": [], "background": []} for name in ("none", *VALUE_SETTINGS)}
-    presets = {name: {"success": [], "background": []} for name in ("literature", "optimised")}
+    values: dict[str, dict[str, list[Any]]] = {
+        name: {"success": [], "background": []} for name in ("none", *VALUE_SETTINGS)
+    }
+    presets: dict[str, dict[str, list[Any]]] = {
+        name: {"success": [], "background": []} for name in ("literature", "optimised")
+    }
     values_from = 5  # the branch of the first value setting's B
     half = values_from + list(VALUE_SETTINGS).index("first_half")
     cases = 0
@@ -138,7 +144,7 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
             figures["two_run_without"].append(_capped(psnr(a, back.images[1])))
             figures["two_run_with"].append(_capped(psnr(a, back.images[2])))
 
-    def mean(values) -> float | None:
+    def mean(values: Sequence[float]) -> float | None:
         return round(float(np.mean(values)), 3) if values else None
 
     return {
@@ -147,10 +153,12 @@ def study(quick: bool = False, steps: int = 50, seeds: tuple[int, ...] = (0, 1))
         "two_run_cycle_psnr_without_value_injection": mean(figures["two_run_without"]),
         "two_run_cycle_psnr_with_value_injection": mean(figures["two_run_with"]),
         "value_injection": {
-            name: {"edit_success": mean(v["success"]), "background_psnr": mean(v["background"])} for name, v in values.items()
+            name: {"edit_success": mean(v["success"]), "background_psnr": mean(v["background"])}
+            for name, v in values.items()
         },
         "presets": {
-            name: {"edit_success": mean(p["success"]), "background_psnr": mean(p["background"])} for name, p in presets.items()
+            name: {"edit_success": mean(p["success"]), "background_psnr": mean(p["background"])}
+            for name, p in presets.items()
         },
         "cases": cases,
         "settings": {"steps": steps, "seeds": list(seeds), "edits": len(edits), "guidance": 7.5},

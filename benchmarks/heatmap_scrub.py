@@ -28,7 +28,9 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ import torch
 from p2p_widgets.plot import Scrubber, overlay
 from p2p_widgets.prompts import tokenize
 from p2p_widgets.record import AttentionRecord
-from p2p_widgets.testing import tiny_tokenizer
+from p2p_widgets.testing import tiny_pipeline, tiny_tokenizer
 
 PROMPT_WORDS = "a cat riding a red bicycle near a small blue house".split()
 
@@ -52,10 +54,12 @@ def sd_like_record(size: int, words: int, steps: int, seed: int = 0) -> Attentio
         logits = torch.randn(steps, 1, side, side, prompt.length, generator=generator)
         maps[factor] = logits.softmax(-1).to(torch.float16)  # (steps, branches, h, w, tokens)
     timesteps = tuple(range(999, 0, -1000 // steps))[:steps]
-    return AttentionRecord(prompts=(prompt,), latent_size=(latent, latent), maps=maps, layers=layers, timesteps=timesteps)
+    return AttentionRecord(
+        prompts=(prompt,), latent_size=(latent, latent), maps=maps, layers=layers, timesteps=timesteps
+    )
 
 
-def median_ms(function, repeats: int) -> float:
+def median_ms(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -78,7 +82,7 @@ def main() -> None:
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     from PIL import Image
 
-    result = SimpleNamespace(attention=record, images=(Image.fromarray(image),))
+    result: Any = SimpleNamespace(attention=record, images=(Image.fromarray(image),))  # what plot and the panel read
     chooser = random.Random(0)
 
     started = time.perf_counter()
@@ -88,14 +92,14 @@ def main() -> None:
 
     scrub = median_ms(lambda: scrubber.frame(chooser.randrange(args.steps)), args.repeats)
 
-    def a_range():
+    def a_range() -> None:
         start = chooser.randrange(args.steps - 1)
         scrubber.frame((start, chooser.randrange(start + 1, args.steps + 1)))
 
     ranged = median_ms(a_range, args.repeats)
     heatmaps = record.heatmaps(0)
 
-    def slow():
+    def slow() -> list[Any]:
         maps = heatmaps.words(steps=chooser.randrange(args.steps))
         return [overlay(result.images[0], m) for m in maps.maps]
 
@@ -103,16 +107,15 @@ def main() -> None:
 
     from p2p_widgets.panel.session import Entry, Session, Settings, View
 
-    parts = {name: object() for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    session = Session(SimpleNamespace(**parts))
+    session = Session(tiny_pipeline())  # a real (tiny) pipeline: the session takes its family's defaults; never run
     session._replace(history=(Entry(1, Settings(), result, 0.0, result.images[0]),), view=View(entry=1, branch=0))
 
-    def panel_new_step():
+    def panel_new_step() -> bytes | None:
         session._frames.clear()
         session.set_step(chooser.randrange(args.steps))
         return session.heatmap_png()
 
-    def panel_seen_step():
+    def panel_seen_step() -> bytes | None:
         session.set_step(chooser.randrange(args.steps))
         return session.heatmap_png()
 

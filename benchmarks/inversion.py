@@ -23,20 +23,22 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from edit_overhead import PeakMemory, sd15_pipeline  # noqa: E402
+from edit_overhead import PeakMemory, sd15_pipeline
+from p2p_widgets import inversion
+from p2p_widgets.inversion import METHODS, invert
+from p2p_widgets.study import psnr
 
-from p2p_widgets import inversion  # noqa: E402
-from p2p_widgets.inversion import METHODS, invert  # noqa: E402
-from p2p_widgets.study import psnr  # noqa: E402
 
-
-def shapes_cases(count: int):
+def shapes_cases(count: int) -> tuple[Any, list[tuple[Any, str]]]:
+    """The shapes pipeline and ``count`` rendered scenes with their exact captions."""
     from p2p_widgets.models import load_pipeline
     from p2p_widgets.shapes import caption, place, render, sample_words
 
@@ -49,7 +51,8 @@ def shapes_cases(count: int):
     return pipe, cases
 
 
-def sd15_cases(count: int, dtype: torch.dtype, device: str):
+def sd15_cases(count: int, dtype: torch.dtype, device: str) -> tuple[Any, list[tuple[Any, str]]]:
+    """SD 1.5's architecture (random weights) and ``count`` noise images with one prompt."""
     pipe = sd15_pipeline(dtype).to(device)
     rng = np.random.default_rng(0)
     images = [(rng.random((512, 512, 3)) * 255).astype(np.uint8) for _ in range(count)]
@@ -57,7 +60,7 @@ def sd15_cases(count: int, dtype: torch.dtype, device: str):
 
 
 @contextlib.contextmanager
-def _weights_keep_gradients(module):
+def _weights_keep_gradients(module: torch.nn.Module) -> Iterator[None]:
     """The straightforward null-text: the UNet's weights require gradients throughout."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
@@ -70,8 +73,19 @@ def _weights_keep_gradients(module):
             p.grad = None
 
 
-def measure(pipe, cases, method: str, args, device: torch.device, label: str | None = None) -> dict:
-    seconds, quality, memory, inner = [], [], [], []
+def measure(
+    pipe: Any,
+    cases: list[tuple[Any, str]],
+    method: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """One JSON line for ``method``: reconstruction PSNR, seconds and peak memory per inversion."""
+    seconds: list[float] = []
+    quality: list[float] = []
+    memory: list[int] = []
+    inner: list[int] = []
     for image, prompt in cases:
         with PeakMemory(device) as peak:
             started = time.perf_counter()
@@ -122,7 +136,15 @@ def main() -> None:
     for image, prompt in cases:
         inverted = invert(pipe, image, prompt, "ddim", steps=1, guidance=1.0)
         ceiling.append(psnr(inverted.vae_round_trip(pipe), inverted.image.image))
-    print(json.dumps({"method": "vae_round_trip", "reconstruction_psnr": round(statistics.mean(ceiling), 2), "images": len(cases)}))
+    print(
+        json.dumps(
+            {
+                "method": "vae_round_trip",
+                "reconstruction_psnr": round(statistics.mean(ceiling), 2),
+                "images": len(cases),
+            }
+        )
+    )
     for method in methods:
         print(json.dumps(measure(pipe, cases, method, args, device)), flush=True)
     if args.baseline:
