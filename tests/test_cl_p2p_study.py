@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from cl_p2p_study import VALUE_SETTINGS, study  # noqa: E402
+from cl_p2p_study import VALUE_SETTINGS, study
 
 
 def test_the_quick_study_reports_every_figure():

@@ -14,7 +14,18 @@ from p2p_widgets.__main__ import main
 
 
 def test_edit_saves_images_recipe_and_heatmaps(tmp_path, capsys):
-    code = main(["edit", "a cat riding a bicycle", "a dog riding a bicycle", "--steps", "2", "--out", str(tmp_path), "--heatmaps"])
+    code = main(
+        [
+            "edit",
+            "a cat riding a bicycle",
+            "a dog riding a bicycle",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--heatmaps",
+        ]
+    )
     assert code == 0
     names = {"p2p_0.png", "p2p_1.png", "p2p.json", "p2p_gallery.png", "p2p_0_words.png", "p2p_1_words.png"}
     assert names <= {path.name for path in tmp_path.iterdir()}
@@ -45,10 +56,12 @@ def test_demo_opens_the_quick_start_notebook_in_jupyterlab(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
     assert main(["demo", "--model", "tiny", "--no-browser", "--port", "8901"]) == 0
-    (command, env), = calls
+    ((command, env),) = calls
     assert command[1:3] == ["-m", "jupyterlab"] and command[3:6] == ["--no-browser", "--port", "8901"]
     assert ("--allow-root" in command) == (os.geteuid() == 0)  # JupyterLab refuses root without it
-    assert command[-1] == str(cli.NOTEBOOKS / "01_quickstart.ipynb") and (cli.NOTEBOOKS / "01_quickstart.ipynb").exists()
+    assert (
+        command[-1] == str(cli.NOTEBOOKS / "01_quickstart.ipynb") and (cli.NOTEBOOKS / "01_quickstart.ipynb").exists()
+    )
     assert env["P2P_WIDGETS_MODEL"] == "tiny"
 
 
@@ -181,7 +194,9 @@ def _broken_loader(tmp_path, monkeypatch):
     import p2p_widgets.models as models
 
     def broken(name, **kwargs):
-        raise RuntimeError("Error(s) in loading state_dict for UNet2DConditionModel:\n\tsize mismatch for conv_in.weight")
+        raise RuntimeError(
+            "Error(s) in loading state_dict for UNet2DConditionModel:\n\tsize mismatch for conv_in.weight"
+        )
 
     monkeypatch.setattr(models, "load_pipeline", broken)
     return {}
@@ -204,45 +219,153 @@ OUT = ["--out", "{tmp}/out"]
 BAD_COMMANDS = [
     ("no-prompts", ["edit", *OUT], None, ["give a source prompt"], False),
     ("no-command", [], None, ["required: command"], False),
-    ("unknown-option", ["edit", *PROMPTS, "--no-such-option"], None, ["unrecognized arguments: --no-such-option"], False),
-    ("steps-not-a-number", ["edit", *PROMPTS, "--steps", "abc", *OUT], None, ["--steps", "invalid int value: 'abc'"], False),
+    (
+        "unknown-option",
+        ["edit", *PROMPTS, "--no-such-option"],
+        None,
+        ["unrecognized arguments: --no-such-option"],
+        False,
+    ),
+    (
+        "steps-not-a-number",
+        ["edit", *PROMPTS, "--steps", "abc", *OUT],
+        None,
+        ["--steps", "invalid int value: 'abc'"],
+        False,
+    ),
     ("zero-steps", ["edit", *PROMPTS, "--steps", "0", *OUT], None, ["steps"], False),
     ("guidance-nan", ["edit", *PROMPTS, "--guidance", "nan", *OUT], None, ["guidance", "nan"], False),
     ("cross-beyond-1", ["edit", *PROMPTS, "--cross", "2", *OUT], None, ["between 0 and 1"], False),
     ("size-zero", ["edit", *PROMPTS, "--size", "0", "64", *OUT], None, ["height", "0"], False),
     ("seed-out-of-range", ["edit", *PROMPTS, "--seed", str(10**30), *OUT], None, ["seed", str(10**30)], False),
     ("unknown-device", ["edit", *PROMPTS, "--device", "banana", *OUT], None, ["unknown device 'banana'", "cpu"], False),
-    ("meta-device", ["edit", *PROMPTS, "--device", "meta", *OUT], None, ["meta is not available", "--device cpu"], False),
-    ("cuda-without-a-gpu", ["edit", *PROMPTS, "--device", "cuda", *OUT], _no_gpu, ["no GPU", "drop --device or use --device cpu"], False),
-    ("a-gpu-that-is-not-there", ["edit", *PROMPTS, "--device", "cuda:3", *OUT], _one_gpu, ["1 GPU(s)", "cuda:0"], False),
-    ("recipe-is-a-folder", ["edit", "--recipe", "{tmp}", *OUT], None, ["is a folder, not a recipe file", ".json or .png"], False),
+    (
+        "meta-device",
+        ["edit", *PROMPTS, "--device", "meta", *OUT],
+        None,
+        ["meta is not available", "--device cpu"],
+        False,
+    ),
+    (
+        "cuda-without-a-gpu",
+        ["edit", *PROMPTS, "--device", "cuda", *OUT],
+        _no_gpu,
+        ["no GPU", "drop --device or use --device cpu"],
+        False,
+    ),
+    (
+        "a-gpu-that-is-not-there",
+        ["edit", *PROMPTS, "--device", "cuda:3", *OUT],
+        _one_gpu,
+        ["1 GPU(s)", "cuda:0"],
+        False,
+    ),
+    (
+        "recipe-is-a-folder",
+        ["edit", "--recipe", "{tmp}", *OUT],
+        None,
+        ["is a folder, not a recipe file", ".json or .png"],
+        False,
+    ),
     ("recipe-missing", ["edit", "--recipe", "{tmp}/nothing.json", *OUT], None, ["no such file", "nothing.json"], False),
     ("recipe-is-a-fifo", ["edit", "--recipe", "{tmp}/pipe.png", *OUT], _fifo, ["FIFO"], False),
-    ("recipe-is-not-a-recipe", ["edit", "--recipe", "{tmp}/notes.json", *OUT], _not_a_recipe, ["notes.json", "not a recipe"], False),
-    ("recipe-and-settings", ["edit", "--recipe", "{tmp}/r.json", "--steps", "9", *OUT], _recipe("tiny"), ["--recipe re-runs", "--steps"], False),
-    ("recipe-and-prompts", ["edit", *PROMPTS, "--recipe", "{tmp}/r.json", *OUT], _recipe("tiny"), ["--recipe re-runs", "prompts"], False),
-    ("out-is-a-file", ["edit", *PROMPTS, "--out", "{tmp}/taken"], _taken, ["--out", "taken is a file", "give a folder"], False),
+    (
+        "recipe-is-not-a-recipe",
+        ["edit", "--recipe", "{tmp}/notes.json", *OUT],
+        _not_a_recipe,
+        ["notes.json", "not a recipe"],
+        False,
+    ),
+    (
+        "recipe-and-settings",
+        ["edit", "--recipe", "{tmp}/r.json", "--steps", "9", *OUT],
+        _recipe("tiny"),
+        ["--recipe re-runs", "--steps"],
+        False,
+    ),
+    (
+        "recipe-and-prompts",
+        ["edit", *PROMPTS, "--recipe", "{tmp}/r.json", *OUT],
+        _recipe("tiny"),
+        ["--recipe re-runs", "prompts"],
+        False,
+    ),
+    (
+        "out-is-a-file",
+        ["edit", *PROMPTS, "--out", "{tmp}/taken"],
+        _taken,
+        ["--out", "taken is a file", "give a folder"],
+        False,
+    ),
     ("out-below-a-file", ["edit", *PROMPTS, "--out", "{tmp}/taken/images"], _taken, ["taken is a file"], False),
-    ("out-not-writable", ["edit", *PROMPTS, "--out", "{unwritable}"], _unwritable, ["cannot write in", "choose a folder you can write to"], False),
+    (
+        "out-not-writable",
+        ["edit", *PROMPTS, "--out", "{unwritable}"],
+        _unwritable,
+        ["cannot write in", "choose a folder you can write to"],
+        False,
+    ),
     ("model-empty", ["edit", *PROMPTS, "--model", "", *OUT], None, ["--model is empty"], False),
-    ("model-folder-missing", ["edit", *PROMPTS, "--model", "{tmp}/no/such/model", *OUT], None, ["no such folder"], False),
+    (
+        "model-folder-missing",
+        ["edit", *PROMPTS, "--model", "{tmp}/no/such/model", *OUT],
+        None,
+        ["no such folder"],
+        False,
+    ),
     (
         "recipe-names-an-uncached-hub-model",
         ["edit", "--recipe", "{tmp}/r.json", *OUT],
         _recipe("someone/not-cached-model"),
-        ["the recipe names the hub model someone/not-cached-model, which is not on this machine; "
-         "to download it, pass --model someone/not-cached-model"],
+        [
+            (
+                "the recipe names the hub model someone/not-cached-model, which is not on this machine; "
+                "to download it, pass --model someone/not-cached-model"
+            )
+        ],
         False,
     ),
-    ("recipe-names-a-missing-folder", ["edit", "--recipe", "{tmp}/r.json", *OUT], _recipe("/no/such/model/folder"), ["folder /no/such/model/folder", "--model"], False),
-    ("hub-model-cannot-be-loaded", ["edit", *PROMPTS, "--model", "p2p-widgets-tests/no-such-model", "--steps", "1", *OUT], None, ["could not load the model p2p-widgets-tests/no-such-model", "network"], True),
-    ("loading-fails-deep-inside", ["edit", *PROMPTS, "--model", "tiny-sd2", "--steps", "1", *OUT], _broken_loader, ["could not load the model tiny-sd2", "RuntimeError", "size mismatch"], True),
-    ("disk-full-while-saving", ["edit", *PROMPTS, "--steps", "1", *OUT], _disk_full, ["No space left on device", "out", "free some space"], True),
-    ("a-bug-while-sampling", ["edit", *PROMPTS, "--steps", "1", *OUT], _sampling_bug, ["unexpected ZeroDivisionError", "division by zero"], True),
+    (
+        "recipe-names-a-missing-folder",
+        ["edit", "--recipe", "{tmp}/r.json", *OUT],
+        _recipe("/no/such/model/folder"),
+        ["folder /no/such/model/folder", "--model"],
+        False,
+    ),
+    (
+        "hub-model-cannot-be-loaded",
+        ["edit", *PROMPTS, "--model", "p2p-widgets-tests/no-such-model", "--steps", "1", *OUT],
+        None,
+        ["could not load the model p2p-widgets-tests/no-such-model", "network"],
+        True,
+    ),
+    (
+        "loading-fails-deep-inside",
+        ["edit", *PROMPTS, "--model", "tiny-sd2", "--steps", "1", *OUT],
+        _broken_loader,
+        ["could not load the model tiny-sd2", "RuntimeError", "size mismatch"],
+        True,
+    ),
+    (
+        "disk-full-while-saving",
+        ["edit", *PROMPTS, "--steps", "1", *OUT],
+        _disk_full,
+        ["No space left on device", "out", "free some space"],
+        True,
+    ),
+    (
+        "a-bug-while-sampling",
+        ["edit", *PROMPTS, "--steps", "1", *OUT],
+        _sampling_bug,
+        ["unexpected ZeroDivisionError", "division by zero"],
+        True,
+    ),
 ]
 
 
-@pytest.mark.parametrize("arguments, setup, words, loads", [case[1:] for case in BAD_COMMANDS], ids=[case[0] for case in BAD_COMMANDS])
+@pytest.mark.parametrize(
+    "arguments, setup, words, loads", [case[1:] for case in BAD_COMMANDS], ids=[case[0] for case in BAD_COMMANDS]
+)
 def test_every_failure_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, arguments, setup, words, loads):
     import p2p_widgets.models as models
 
@@ -283,15 +406,42 @@ MODEL_CHOICES = [
     ("prompts-explicit", None, "tiny-sd2", (), "tiny-sd2", "model: tiny-sd2 (--model)"),
     ("recipe-built-in", "shapes", None, (), "shapes", "model: shapes (from the recipe)"),
     ("recipe-no-model", "", None, (), "tiny", "model: tiny (the recipe names no model"),
-    ("recipe-cached-hub-model", "someone/cached-model", None, ("someone/cached-model",), "someone/cached-model", "model: someone/cached-model (from the recipe, in the local Hugging Face cache)"),
+    (
+        "recipe-cached-hub-model",
+        "someone/cached-model",
+        None,
+        ("someone/cached-model",),
+        "someone/cached-model",
+        "model: someone/cached-model (from the recipe, in the local Hugging Face cache)",
+    ),
     ("recipe-local-folder", "{tmp}", None, (), "{tmp}", "model: {tmp} (from the recipe, a local folder)"),
-    ("explicit-beats-the-recipe", "someone/not-cached", "tiny", (), "tiny", "model: tiny (--model; the recipe names someone/not-cached)"),
-    ("explicit-uncached-hub-model", "shapes", "someone/big-model", (), "someone/big-model", "model: someone/big-model (--model; the recipe names shapes)"),
+    (
+        "explicit-beats-the-recipe",
+        "someone/not-cached",
+        "tiny",
+        (),
+        "tiny",
+        "model: tiny (--model; the recipe names someone/not-cached)",
+    ),
+    (
+        "explicit-uncached-hub-model",
+        "shapes",
+        "someone/big-model",
+        (),
+        "someone/big-model",
+        "model: someone/big-model (--model; the recipe names shapes)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("recipe_model, explicit, cached, expected, line", [case[1:] for case in MODEL_CHOICES], ids=[case[0] for case in MODEL_CHOICES])
-def test_the_model_is_chosen_and_said(tmp_path, monkeypatch, capsys, loaded, recipe_model, explicit, cached, expected, line):
+@pytest.mark.parametrize(
+    "recipe_model, explicit, cached, expected, line",
+    [case[1:] for case in MODEL_CHOICES],
+    ids=[case[0] for case in MODEL_CHOICES],
+)
+def test_the_model_is_chosen_and_said(
+    tmp_path, monkeypatch, capsys, loaded, recipe_model, explicit, cached, expected, line
+):
     import p2p_widgets.models as models
 
     monkeypatch.setattr(models, "_in_cache", lambda name: name in cached)
@@ -317,5 +467,13 @@ def test_a_smaller_run_into_the_same_folder_leaves_no_stale_files(tmp_path, caps
     Image.new("RGB", (4, 4)).save(tmp_path / "p2p_5_words.png")  # not ours: kept
     assert main(["edit", "a cat", "a fox", "--steps", "1", "--out", out, "--heatmaps"]) == 0
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["p2p.json", "p2p_0.png", "p2p_0_words.png", "p2p_1.png", "p2p_1_words.png", "p2p_5_words.png", "p2p_gallery.png"]
+    assert names == [
+        "p2p.json",
+        "p2p_0.png",
+        "p2p_0_words.png",
+        "p2p_1.png",
+        "p2p_1_words.png",
+        "p2p_5_words.png",
+        "p2p_gallery.png",
+    ]
     assert read_recipe(tmp_path / "p2p_gallery.png").targets[0].prompt == "a fox"  # the pictures carry the recipe too

@@ -128,38 +128,125 @@ BOMB = zlib.compress(b" " * (20 * 2**20), 9)  # 20 MB of spaces in about 20 kB
 BAD_FILES = [
     ("folder", lambda tmp_path: tmp_path, ValueError, ["is a folder, not a recipe file", ".json or .png"]),
     ("missing", lambda tmp_path: tmp_path / "nothing.json", FileNotFoundError, ["no such file"]),
-    ("missing-below-a-file", lambda tmp_path: _write("a.json", b"{}")(tmp_path) / "b.json", FileNotFoundError, ["no such file"]),
+    (
+        "missing-below-a-file",
+        lambda tmp_path: _write("a.json", b"{}")(tmp_path) / "b.json",
+        FileNotFoundError,
+        ["no such file"],
+    ),
     ("fifo", _fifo, ValueError, ["FIFO", "not a recipe file"]),
     ("empty", _write("empty.json", b""), ValueError, ["neither a recipe JSON file nor a readable image"]),
-    ("random-bytes", _write("noise.bin", bytes(range(256)) * 4), ValueError, ["neither a recipe JSON file nor a readable image"]),
-    ("not-utf-8", _write("latin.json", '{"prompt": "caf\xe9"}'.encode("latin-1")), ValueError, ["neither a recipe JSON"]),
+    (
+        "random-bytes",
+        _write("noise.bin", bytes(range(256)) * 4),
+        ValueError,
+        ["neither a recipe JSON file nor a readable image"],
+    ),
+    (
+        "not-utf-8",
+        _write("latin.json", '{"prompt": "caf\xe9"}'.encode("latin-1")),
+        ValueError,
+        ["neither a recipe JSON"],
+    ),
     ("json-list", _write("list.json", b"[1, 2]"), ValueError, ["not a recipe"]),
     ("json-nested-deeply", _write("deep.json", b"[" * 100_000), ValueError, ["nested too deeply"]),
     ("json-too-large", _sparse_json, ValueError, ["too large to be a recipe"]),
     ("empty-prompt", _write("empty-prompt.json", b'{"prompt": ""}'), ValueError, ["prompt is empty"]),
     ("jpeg", _write("photo.jpg", _jpeg), ValueError, ["JPEG", "holds no recipe"]),
     ("png-without-recipe", _write("plain.png", _plain_png), ValueError, ["holds no p2p_widgets recipe", RECIPE_KEY]),
-    ("png-truncated-in-data", _write("cut.png", lambda t: png(text(RECIPE_KEY, RECIPE.to_json()))[:-20]), ValueError, ["truncated"]),
+    (
+        "png-truncated-in-data",
+        _write("cut.png", lambda t: png(text(RECIPE_KEY, RECIPE.to_json()))[:-20]),
+        ValueError,
+        ["truncated"],
+    ),
     ("png-truncated-in-header", _write("cut.png", lambda t: png()[:20]), ValueError, ["truncated"]),
     ("png-signature-only", _write("sig.png", b"\x89PNG\r\n\x1a\n"), ValueError, ["truncated"]),
-    ("png-no-ihdr-first", _write("odd.png", lambda t: b"\x89PNG\r\n\x1a\n" + text(RECIPE_KEY, "{}") + png()[8:]), ValueError, ["damaged", "IHDR"]),
-    ("png-bad-chunk-type", _write("odd.png", lambda t: png(chunk(b"a\x00b!", b""))), ValueError, ["damaged", "four letters"]),
-    ("png-huge-chunk-length", _write("odd.png", lambda t: png(struct.pack(">I", 2**32 - 1) + b"IDAT")), ValueError, ["more than PNG allows"]),
-    ("recipe-bad-crc", _write("crc.png", lambda t: png(chunk(b"tEXt", RECIPE_KEY.encode() + b"\x00{}", crc=1))), ValueError, ["checksum"]),
-    ("recipe-not-json", _write("nojson.png", lambda t: png(text(RECIPE_KEY, "not json"))), ValueError, ["not a recipe"]),
-    ("recipe-twice", _write("two.png", lambda t: png(text(RECIPE_KEY, RECIPE.to_json()), text(RECIPE_KEY, "{}"))), ValueError, ["two different"]),
+    (
+        "png-no-ihdr-first",
+        _write("odd.png", lambda t: b"\x89PNG\r\n\x1a\n" + text(RECIPE_KEY, "{}") + png()[8:]),
+        ValueError,
+        ["damaged", "IHDR"],
+    ),
+    (
+        "png-bad-chunk-type",
+        _write("odd.png", lambda t: png(chunk(b"a\x00b!", b""))),
+        ValueError,
+        ["damaged", "four letters"],
+    ),
+    (
+        "png-huge-chunk-length",
+        _write("odd.png", lambda t: png(struct.pack(">I", 2**32 - 1) + b"IDAT")),
+        ValueError,
+        ["more than PNG allows"],
+    ),
+    (
+        "recipe-bad-crc",
+        _write("crc.png", lambda t: png(chunk(b"tEXt", RECIPE_KEY.encode() + b"\x00{}", crc=1))),
+        ValueError,
+        ["checksum"],
+    ),
+    (
+        "recipe-not-json",
+        _write("nojson.png", lambda t: png(text(RECIPE_KEY, "not json"))),
+        ValueError,
+        ["not a recipe"],
+    ),
+    (
+        "recipe-twice",
+        _write("two.png", lambda t: png(text(RECIPE_KEY, RECIPE.to_json()), text(RECIPE_KEY, "{}"))),
+        ValueError,
+        ["two different"],
+    ),
     ("ztxt-bomb", _write("bomb.png", lambda t: png(ztxt(RECIPE_KEY, BOMB))), ValueError, ["more than 16 MB"]),
-    ("ztxt-corrupt", _write("zcorrupt.png", lambda t: png(ztxt(RECIPE_KEY, b"\x78\x9c garbage"))), ValueError, ["corrupt"]),
-    ("ztxt-cut-short", _write("zshort.png", lambda t: png(ztxt(RECIPE_KEY, zlib.compress(RECIPE.to_json().encode())[:-6]))), ValueError, ["cut short"]),
-    ("ztxt-unknown-method", _write("zmethod.png", lambda t: png(chunk(b"zTXt", RECIPE_KEY.encode() + b"\x00\x07abc"))), ValueError, ["compression method"]),
-    ("itxt-bomb", _write("ibomb.png", lambda t: png(chunk(b"iTXt", RECIPE_KEY.encode() + b"\x00\x01\x00\x00\x00" + BOMB))), ValueError, ["more than 16 MB"]),
-    ("itxt-not-utf-8", _write("iutf.png", lambda t: png(itxt(RECIPE_KEY, b'{"prompt": "caf\xe9"}'))), ValueError, ["not UTF-8"]),
-    ("itxt-cut-short", _write("ishort.png", lambda t: png(chunk(b"iTXt", RECIPE_KEY.encode() + b"\x00\x00"))), ValueError, ["cut short"]),
-    ("recipe-chunk-over-16-mb", _write("big.png", lambda t: png(text(RECIPE_KEY, " " * (17 * 2**20)))), ValueError, ["too large to be a recipe"]),
+    (
+        "ztxt-corrupt",
+        _write("zcorrupt.png", lambda t: png(ztxt(RECIPE_KEY, b"\x78\x9c garbage"))),
+        ValueError,
+        ["corrupt"],
+    ),
+    (
+        "ztxt-cut-short",
+        _write("zshort.png", lambda t: png(ztxt(RECIPE_KEY, zlib.compress(RECIPE.to_json().encode())[:-6]))),
+        ValueError,
+        ["cut short"],
+    ),
+    (
+        "ztxt-unknown-method",
+        _write("zmethod.png", lambda t: png(chunk(b"zTXt", RECIPE_KEY.encode() + b"\x00\x07abc"))),
+        ValueError,
+        ["compression method"],
+    ),
+    (
+        "itxt-bomb",
+        _write("ibomb.png", lambda t: png(chunk(b"iTXt", RECIPE_KEY.encode() + b"\x00\x01\x00\x00\x00" + BOMB))),
+        ValueError,
+        ["more than 16 MB"],
+    ),
+    (
+        "itxt-not-utf-8",
+        _write("iutf.png", lambda t: png(itxt(RECIPE_KEY, b'{"prompt": "caf\xe9"}'))),
+        ValueError,
+        ["not UTF-8"],
+    ),
+    (
+        "itxt-cut-short",
+        _write("ishort.png", lambda t: png(chunk(b"iTXt", RECIPE_KEY.encode() + b"\x00\x00"))),
+        ValueError,
+        ["cut short"],
+    ),
+    (
+        "recipe-chunk-over-16-mb",
+        _write("big.png", lambda t: png(text(RECIPE_KEY, " " * (17 * 2**20)))),
+        ValueError,
+        ["too large to be a recipe"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, error_type, words", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+@pytest.mark.parametrize(
+    "make, error_type, words", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES]
+)
 def test_a_bad_file_is_a_clear_error_that_names_it(tmp_path, make, error_type, words):
     path = make(tmp_path)
     with pytest.raises(error_type) as caught:
@@ -174,8 +261,16 @@ def test_a_bad_file_is_a_clear_error_that_names_it(tmp_path, make, error_type, w
 
 @pytest.mark.parametrize(
     "make, error_type, words",
-    [case[1:] for case in BAD_FILES if case[0].startswith(("png", "recipe", "ztxt", "itxt", "jpeg", "random", "empty", "json", "not-utf"))],
-    ids=[case[0] for case in BAD_FILES if case[0].startswith(("png", "recipe", "ztxt", "itxt", "jpeg", "random", "empty", "json", "not-utf"))],
+    [
+        case[1:]
+        for case in BAD_FILES
+        if case[0].startswith(("png", "recipe", "ztxt", "itxt", "jpeg", "random", "empty", "json", "not-utf"))
+    ],
+    ids=[
+        case[0]
+        for case in BAD_FILES
+        if case[0].startswith(("png", "recipe", "ztxt", "itxt", "jpeg", "random", "empty", "json", "not-utf"))
+    ],
 )
 def test_bad_bytes_are_the_same_errors(tmp_path, make, error_type, words):
     data = make(tmp_path).read_bytes()
@@ -208,7 +303,15 @@ GOOD_PNGS = [
     ("ztxt", lambda: png(ztxt(RECIPE_KEY, zlib.compress(RECIPE_JSON)))),
     ("itxt", lambda: png(itxt(RECIPE_KEY, RECIPE_JSON))),
     ("itxt-compressed", lambda: png(itxt(RECIPE_KEY, RECIPE_JSON, compressed=True))),
-    ("other-chunks-ignored", lambda: png(text("Software", "x"), ztxt("Comment", BOMB), chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"), text(RECIPE_KEY, RECIPE.to_json()))),
+    (
+        "other-chunks-ignored",
+        lambda: png(
+            text("Software", "x"),
+            ztxt("Comment", BOMB),
+            chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"),
+            text(RECIPE_KEY, RECIPE.to_json()),
+        ),
+    ),
     ("pil-compressed", lambda: _pil_png(zip=True)),
     ("pil-itxt", lambda: _pil_png(itxt=True)),
 ]
@@ -320,8 +423,12 @@ FAILURES = [
 ]
 
 
-@pytest.mark.parametrize("writer, failing_call, overwrite", [case[1:] for case in FAILURES], ids=[case[0] for case in FAILURES])
-def test_a_failed_save_leaves_the_earlier_files_exactly_as_they_were(result, four, tmp_path, monkeypatch, writer, failing_call, overwrite):
+@pytest.mark.parametrize(
+    "writer, failing_call, overwrite", [case[1:] for case in FAILURES], ids=[case[0] for case in FAILURES]
+)
+def test_a_failed_save_leaves_the_earlier_files_exactly_as_they_were(
+    result, four, tmp_path, monkeypatch, writer, failing_call, overwrite
+):
     save_result(four, tmp_path)  # an earlier run: 4 PNGs and a JSON
     (tmp_path / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
@@ -334,7 +441,7 @@ def test_a_failed_save_leaves_the_earlier_files_exactly_as_they_were(result, fou
         return real(*args, **kwargs)
 
     monkeypatch.setattr(files, writer, failing)
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="No space left on device") as caught:
         save_result(result, tmp_path, overwrite=overwrite)
     assert caught.value.errno == errno.ENOSPC
     message = str(caught.value)
@@ -382,7 +489,9 @@ BAD_SAVES = [
 ]
 
 
-@pytest.mark.parametrize("arguments, error_type, words", [case[1:] for case in BAD_SAVES], ids=[case[0] for case in BAD_SAVES])
+@pytest.mark.parametrize(
+    "arguments, error_type, words", [case[1:] for case in BAD_SAVES], ids=[case[0] for case in BAD_SAVES]
+)
 def test_a_bad_save_request_is_a_clear_error_and_changes_nothing(result, tmp_path, arguments, error_type, words):
     (tmp_path / "earlier.txt").write_text("mine")
     kwargs = arguments(tmp_path)

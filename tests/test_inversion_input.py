@@ -11,16 +11,22 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from conftest import processors_of
 from p2p_widgets.engine import vae_factor
 from p2p_widgets.inversion import invert, prepare_image
-
-from conftest import processors_of
 
 
 def gradient(width=48, height=32):
     x = np.linspace(0, 255, width)[None, :, None]
     y = np.linspace(0, 255, height)[:, None, None]
-    return np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)), np.full((height, width, 1), 80.0)], 2).astype(np.uint8)
+    return np.concatenate(
+        [
+            np.broadcast_to(x, (height, width, 1)),
+            np.broadcast_to(y, (height, width, 1)),
+            np.full((height, width, 1), 80.0),
+        ],
+        2,
+    ).astype(np.uint8)
 
 
 def test_an_image_of_the_right_size_is_returned_untouched():
@@ -58,12 +64,17 @@ def test_resizing_is_reported_with_both_sizes():
 
 @pytest.mark.parametrize(
     "mode, note",
-    [("CMYK", "CMYK converted to RGB"), ("L", "L converted to RGB"), ("RGBA", "RGBA with transparency composited on white"), ("I;16", "I;16 (16-bit) scaled to 8 bits")],
+    [
+        ("CMYK", "CMYK converted to RGB"),
+        ("L", "L converted to RGB"),
+        ("RGBA", "RGBA with transparency composited on white"),
+        ("I;16", "I;16 (16-bit) scaled to 8 bits"),
+    ],
 )
 def test_other_modes_are_converted_and_reported(tmp_path, mode, note):
     base = Image.fromarray(gradient(16, 16))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)).convert("I;16")
+        image = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).convert("I;16")
     elif mode == "RGBA":
         image = base.convert("RGBA")
         image.putalpha(Image.new("L", image.size, 0))  # fully transparent: becomes white
@@ -135,7 +146,14 @@ OK = (16, 16)
 # (id, source: a value or a function of the test's folder, size, keywords, error, message)
 BAD = [
     # files
-    ("missing file", lambda folder: folder / "missing.png", OK, {}, FileNotFoundError, "no such image file: .*missing.png"),
+    (
+        "missing file",
+        lambda folder: folder / "missing.png",
+        OK,
+        {},
+        FileNotFoundError,
+        "no such image file: .*missing.png",
+    ),
     ("a URL", "https://example.com/cat.png", OK, {}, FileNotFoundError, "a URL must be downloaded first"),
     ("a folder", lambda folder: folder, OK, {}, ValueError, "is a folder, not an image file"),
     ("empty path", "", OK, {}, ValueError, "the image path is empty"),
@@ -144,34 +162,125 @@ BAD = [
     ("text file", write("notes.png", "not an image"), OK, {}, ValueError, "cannot read .*notes.png as an image"),
     ("truncated PNG", write("cut.png", PNG[: len(PNG) // 2]), OK, {}, ValueError, "cut.png.*truncated or corrupt"),
     ("truncated JPEG", write("cut.jpg", JPEG[: len(JPEG) // 2]), OK, {}, ValueError, "cut.jpg.*truncated or corrupt"),
-    ("decompression bomb", write("bomb.png", png_claiming(20_000, 20_000)), OK, {}, ValueError, "bomb.png is too large to decode safely"),
-    ("over the pixel limit", write("big.png", png_claiming(9_000, 9_000)), OK, {}, ValueError, "9000x9000 = 81,000,000 pixels, over the limit of 64,000,000"),
-    ("over max_pixels", write("big.png", encoded(np.zeros((300, 400), np.uint8), "PNG")), OK, dict(max_pixels=100_000), ValueError, r"400x300 = 120,000 pixels, over the limit of 100,000"),
+    (
+        "decompression bomb",
+        write("bomb.png", png_claiming(20_000, 20_000)),
+        OK,
+        {},
+        ValueError,
+        "bomb.png is too large to decode safely",
+    ),
+    (
+        "over the pixel limit",
+        write("big.png", png_claiming(9_000, 9_000)),
+        OK,
+        {},
+        ValueError,
+        "9000x9000 = 81,000,000 pixels, over the limit of 64,000,000",
+    ),
+    (
+        "over max_pixels",
+        write("big.png", encoded(np.zeros((300, 400), np.uint8), "PNG")),
+        OK,
+        dict(max_pixels=100_000),
+        ValueError,
+        r"400x300 = 120,000 pixels, over the limit of 100,000",
+    ),
     # PIL images
     ("0x0 image", Image.new("RGB", (0, 0)), OK, {}, ValueError, r"the image is empty \(0x0 pixels\)"),
     ("closed image", lambda folder: closed_image(), OK, {}, ValueError, "cannot decode the image .*closed"),
-    ("truncated JPEG opened", lambda folder: Image.open(io.BytesIO(JPEG[: len(JPEG) // 2])), OK, {}, ValueError, "cannot decode the image .*truncated"),
+    (
+        "truncated JPEG opened",
+        lambda folder: Image.open(io.BytesIO(JPEG[: len(JPEG) // 2])),
+        OK,
+        {},
+        ValueError,
+        "cannot decode the image .*truncated",
+    ),
     ("La mode", Image.new("La", (8, 8)), OK, {}, ValueError, "cannot convert a La image to RGB"),
-    ("F image of 2000", Image.fromarray(np.full((8, 8), 2000, np.float32)), OK, {}, ValueError, r"F \(32-bit float\) image holds values in \[2000, 2000\]; a float image is in \[0, 1\] or \[0, 255\]"),
-    ("F image with NaN", Image.fromarray(np.full((8, 8), np.nan, np.float32)), OK, {}, ValueError, "F .* holds NaN or infinite values"),
-    ("I image beyond 16 bits", Image.fromarray(np.full((8, 8), 100_000, np.int32)), OK, {}, ValueError, r"I \(32-bit integer\) image holds values in \[100000, 100000\], beyond 0..65535"),
-    ("I image negative", Image.fromarray(np.full((8, 8), -5, np.int32)), OK, {}, ValueError, r"values in \[-5, -5\], beyond 0..65535"),
+    (
+        "F image of 2000",
+        Image.fromarray(np.full((8, 8), 2000, np.float32)),
+        OK,
+        {},
+        ValueError,
+        r"F \(32-bit float\) image holds values in \[2000, 2000\]; a float image is in \[0, 1\] or \[0, 255\]",
+    ),
+    (
+        "F image with NaN",
+        Image.fromarray(np.full((8, 8), np.nan, np.float32)),
+        OK,
+        {},
+        ValueError,
+        "F .* holds NaN or infinite values",
+    ),
+    (
+        "I image beyond 16 bits",
+        Image.fromarray(np.full((8, 8), 100_000, np.int32)),
+        OK,
+        {},
+        ValueError,
+        r"I \(32-bit integer\) image holds values in \[100000, 100000\], beyond 0..65535",
+    ),
+    (
+        "I image negative",
+        Image.fromarray(np.full((8, 8), -5, np.int32)),
+        OK,
+        {},
+        ValueError,
+        r"values in \[-5, -5\], beyond 0..65535",
+    ),
     # arrays
     ("empty array", np.zeros((0, 0, 3), np.uint8), OK, {}, ValueError, r"the array is empty \(0x0 pixels\)"),
-    ("2 channels", np.zeros((16, 16, 2), np.uint8), OK, {}, ValueError, r"\(height, width, 1\|3\|4\) for gray, RGB or RGBA, not \(16, 16, 2\)"),
+    (
+        "2 channels",
+        np.zeros((16, 16, 2), np.uint8),
+        OK,
+        {},
+        ValueError,
+        r"\(height, width, 1\|3\|4\) for gray, RGB or RGBA, not \(16, 16, 2\)",
+    ),
     ("5 channels", np.zeros((16, 16, 5), np.uint8), OK, {}, ValueError, r"not \(16, 16, 5\)"),
     ("1-d", np.zeros(16, np.uint8), OK, {}, ValueError, r"not \(16,\)"),
     ("channels first", np.zeros((3, 16, 16)), OK, {}, ValueError, r"channels first.*array.transpose\(1, 2, 0\)"),
-    ("a batch", np.zeros((1, 16, 16, 3), np.uint8), OK, {}, ValueError, r"a batch of one; give the image itself: array\[0\]"),
+    (
+        "a batch",
+        np.zeros((1, 16, 16, 3), np.uint8),
+        OK,
+        {},
+        ValueError,
+        r"a batch of one; give the image itself: array\[0\]",
+    ),
     ("bool", np.ones((16, 16), bool), OK, {}, ValueError, r"boolean .*astype\(np.uint8\) \* 255"),
     ("object", np.full((16, 16, 3), 1, object), OK, {}, ValueError, "not object"),
     ("complex", np.zeros((16, 16), complex), OK, {}, ValueError, "not complex128"),
     ("strings", np.full((16, 16), "a"), OK, {}, ValueError, "not <U1"),
     ("float NaN", np.full((16, 16, 3), np.nan), OK, {}, ValueError, "float64 array holds NaN or infinite values"),
     ("float inf", np.full((16, 16, 3), np.inf, np.float32), OK, {}, ValueError, "float32 array holds NaN or infinite"),
-    ("float 300", np.full((16, 16, 3), 300.0), OK, {}, ValueError, r"values in \[300, 300\]; a float image is in \[0, 1\] or \[0, 255\]"),
-    ("float in [-1, 1]", np.linspace(-1, 1, 256).reshape(16, 16), OK, {}, ValueError, r"looks like \[-1, 1\]: give \(x \+ 1\) / 2"),
-    ("int beyond 16 bits", np.full((16, 16), 70_000, np.int64), OK, {}, ValueError, r"int64 array holds values in \[70000, 70000\], beyond 0..65535"),
+    (
+        "float 300",
+        np.full((16, 16, 3), 300.0),
+        OK,
+        {},
+        ValueError,
+        r"values in \[300, 300\]; a float image is in \[0, 1\] or \[0, 255\]",
+    ),
+    (
+        "float in [-1, 1]",
+        np.linspace(-1, 1, 256).reshape(16, 16),
+        OK,
+        {},
+        ValueError,
+        r"looks like \[-1, 1\]: give \(x \+ 1\) / 2",
+    ),
+    (
+        "int beyond 16 bits",
+        np.full((16, 16), 70_000, np.int64),
+        OK,
+        {},
+        ValueError,
+        r"int64 array holds values in \[70000, 70000\], beyond 0..65535",
+    ),
     # neither
     ("a list", [[1, 2]], OK, {}, TypeError, "file path, a PIL image or a numpy array, not list"),
     ("None", None, OK, {}, TypeError, "not NoneType"),
@@ -181,22 +290,52 @@ BAD = [
     ("not a multiple", NOISE, (30, 32), {}, ValueError, "height 30 is not a multiple of 8.*use 24 or 32"),
     ("one side", NOISE, (32,), {}, ValueError, r"size is \(height, width\) in pixels, not \(32,\)"),
     ("a string size", NOISE, "32x32", {}, ValueError, r"size is \(height, width\)"),
-    ("zero side", NOISE, (0, 32), {}, ValueError, r"height 0 is too small: each side is at least 8 pixels.*smallest size is \(8, 8\)"),
+    (
+        "zero side",
+        NOISE,
+        (0, 32),
+        {},
+        ValueError,
+        r"height 0 is too small: each side is at least 8 pixels.*smallest size is \(8, 8\)",
+    ),
     ("negative side", NOISE, (32, -8), {}, ValueError, r"width -8 is too small.*\(8, 8\)"),
     ("side below the factor", NOISE, (4, 32), {}, ValueError, r"height 4 is too small.*\(8, 8\)"),
     ("float side", NOISE, (32.0, 32), {}, ValueError, "in whole pixels, not .*the height is a float"),
     ("bool side", NOISE, (32, True), {}, ValueError, "the width is a bool"),
-    ("size over the limit", NOISE, (16_000, 16_000), {}, ValueError, r"size 16000x16000 \(height x width\) is 256,000,000 pixels, over the limit of 64,000,000"),
-    ("size over max_pixels", NOISE, (64, 64), dict(max_pixels=1_000), ValueError, "size 64x64 .* over the limit of 1,000"),
+    (
+        "size over the limit",
+        NOISE,
+        (16_000, 16_000),
+        {},
+        ValueError,
+        r"size 16000x16000 \(height x width\) is 256,000,000 pixels, over the limit of 64,000,000",
+    ),
+    (
+        "size over max_pixels",
+        NOISE,
+        (64, 64),
+        dict(max_pixels=1_000),
+        ValueError,
+        "size 64x64 .* over the limit of 1,000",
+    ),
     # the other settings
     ("unknown fit", NOISE, OK, dict(fit="stretch"), ValueError, "'crop' .* or 'pad' .*, not 'stretch'"),
     ("fit None", NOISE, OK, dict(fit=None), ValueError, "not None"),
     ("multiple 0", NOISE, OK, dict(multiple=0), ValueError, "multiple is a positive whole number, not 0"),
-    ("max_pixels text", NOISE, OK, dict(max_pixels="big"), ValueError, "max_pixels is a positive whole number, not 'big'"),
+    (
+        "max_pixels text",
+        NOISE,
+        OK,
+        dict(max_pixels="big"),
+        ValueError,
+        "max_pixels is a positive whole number, not 'big'",
+    ),
 ]
 
 
-@pytest.mark.parametrize("source, size, keywords, error, message", [pytest.param(*case[1:], id=case[0]) for case in BAD])
+@pytest.mark.parametrize(
+    "source, size, keywords, error, message", [pytest.param(*case[1:], id=case[0]) for case in BAD]
+)
 def test_bad_input_is_refused_with_what_to_do(tmp_path, source, size, keywords, error, message):
     if callable(source):
         source = source(tmp_path)
@@ -210,7 +349,7 @@ def test_bad_input_is_refused_with_what_to_do(tmp_path, source, size, keywords, 
 def test_a_callers_image_is_not_changed_by_a_refusal_or_a_success():
     pixels = gradient(16, 16)
     image = Image.fromarray(pixels)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="height 4 is too small"):
         prepare_image(image, (4, 4))
     prepare_image(image, (32, 32))
     assert image.size == (16, 16) and image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
@@ -293,8 +432,15 @@ def test_an_invalid_orientation_is_ignored_with_a_note(tmp_path):
         pytest.param(np.full((8, 8), 0.5, np.float32), 128, "{} in [0, 1] scaled to 0..255", id="F 0.5"),
         pytest.param(np.full((8, 8), 1.0, np.float32), 255, "{} in [0, 1] scaled to 0..255", id="F 1.0"),
         pytest.param(np.full((8, 8), 200.0, np.float32), 200, "{} in [0, 255] taken as 8-bit levels", id="F 200"),
-        pytest.param(np.full((8, 8), 200, np.int32), 200, "{} with values in [0, 255] taken as 8-bit levels", id="I 8-bit"),
-        pytest.param(np.full((8, 8), 200 * 257, np.int32), 200, "{} with values up to 51400 taken as 16 bits, scaled to 8 bits", id="I 16-bit"),
+        pytest.param(
+            np.full((8, 8), 200, np.int32), 200, "{} with values in [0, 255] taken as 8-bit levels", id="I 8-bit"
+        ),
+        pytest.param(
+            np.full((8, 8), 200 * 257, np.int32),
+            200,
+            "{} with values up to 51400 taken as 16 bits, scaled to 8 bits",
+            id="I 16-bit",
+        ),
     ],
 )
 def test_float_and_integer_images_are_scaled_by_one_rule(pixels, expected, note):

@@ -25,7 +25,14 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 CELLS = [
     'from p2p_widgets.panel import P2PPanel\npanel = P2PPanel("shapes", steps=20)\npanel',
@@ -66,7 +73,10 @@ def _free_port() -> int:
 
 
 def _notebook(path: Path) -> None:
-    cells = [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": source} for source in CELLS]
+    cells = [
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": source}
+        for source in CELLS
+    ]
     notebook = {
         "cells": cells,
         "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -85,7 +95,9 @@ def lab(tmp_path):
     _notebook(root / "panel.ipynb")
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     port, token = _free_port(), "p2p-browser-test"
     env = {
         **os.environ,
@@ -156,8 +168,15 @@ def test_panel_in_jupyterlab(lab, tmp_path):
         page.set_default_timeout(120_000)
         try:
             page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
-            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext && window.jupyterapp.shell.currentWidget.sessionContext.session && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel")
-            page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.connectionStatus === 'connected'")
+            page.wait_for_function(  # the notebook's kernel session exists (each step may still be undefined)
+                "window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                " && window.jupyterapp.shell.currentWidget.sessionContext"
+                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+            )
+            page.wait_for_function(
+                "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.connectionStatus === 'connected'"
+            )
             _run_cell(page, 0)
             generate = page.get_by_role("button", name="Generate")
             expect(generate).to_be_visible()

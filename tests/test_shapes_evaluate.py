@@ -7,20 +7,18 @@ from p2p_widgets.shapes import ObjectWords, SceneWords, caption, place, render
 from p2p_widgets.shapes.data import COLOR_RGB
 from p2p_widgets.shapes.evaluate import (
     _correct,
-    dilate,
-    find_object,
     _iou,
     _rises,
-    saturation,
     _threshold,
     _upsample,
     _word_indices,
+    dilate,
+    find_object,
+    saturation,
 )
 from p2p_widgets.study import psnr
 
-SCENE = SceneWords(
-    (ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black"
-)
+SCENE = SceneWords((ObjectWords("circle", "red", "big", "striped"), ObjectWords("square", "blue", "small")), "black")
 
 
 def rendered(words=SCENE, seed=0):

@@ -2,14 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from p2p_widgets import edit
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.model import ModelConfig, build_pipeline
-import pytest
-
 from p2p_widgets.shapes.train import TrainConfig, _images, edge_weights, loss_weights, refine_decoder, train
 
 TOY = ModelConfig(
@@ -67,7 +66,9 @@ def test_min_snr_weights_only_lower_the_easy_steps():
 
 
 def test_checkpoints_save_the_average_and_do_not_change_training(tmp_path):
-    config = TrainConfig(model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=4, warmup_steps=1, ema_decay=0.5)
+    config = TrainConfig(
+        model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=4, warmup_steps=1, ema_decay=0.5
+    )
     plain = train(config)
     checkpointed = train(config, tmp_path, checkpoint_every=2)
     for a, b in zip(plain.unet.parameters(), checkpointed.unet.parameters()):
@@ -78,8 +79,16 @@ def test_checkpoints_save_the_average_and_do_not_change_training(tmp_path):
 
 
 def test_the_saved_weights_are_the_moving_average():
-    raw = train(TrainConfig(model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=3, warmup_steps=1, ema_decay=None))
-    averaged = train(TrainConfig(model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=3, warmup_steps=1, ema_decay=0.999))
+    raw = train(
+        TrainConfig(
+            model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=3, warmup_steps=1, ema_decay=None
+        )
+    )
+    averaged = train(
+        TrainConfig(
+            model=TOY, batch_size=2, vae_steps=2, decoder_steps=1, denoiser_steps=3, warmup_steps=1, ema_decay=0.999
+        )
+    )
     # same data and steps; only what is kept differs (the average lags the last step)
     assert not all(torch.equal(a, b) for a, b in zip(raw.unet.parameters(), averaged.unet.parameters()))
 
@@ -87,7 +96,10 @@ def test_the_saved_weights_are_the_moving_average():
 def test_a_vae_can_be_reused_from_a_saved_model(tmp_path):
     config = TrainConfig(model=TOY, batch_size=2, vae_steps=5, decoder_steps=2, denoiser_steps=1, warmup_steps=1)
     first = train(config, tmp_path / "first")
-    again = train(TrainConfig(model=TOY, batch_size=2, vae_steps=0, decoder_steps=0, denoiser_steps=1, warmup_steps=1, seed=1), vae_from=tmp_path / "first")
+    again = train(
+        TrainConfig(model=TOY, batch_size=2, vae_steps=0, decoder_steps=0, denoiser_steps=1, warmup_steps=1, seed=1),
+        vae_from=tmp_path / "first",
+    )
     for a, b in zip(first.vae.parameters(), again.vae.parameters()):
         assert torch.equal(a, b)
     assert again.vae.config.scaling_factor == first.vae.config.scaling_factor

@@ -85,7 +85,18 @@ def test_a_way_back_longer_than_the_way_there_drifts_and_scores_lower(sd1):
 
 
 def test_a_sweep_has_one_row_per_grid_point_with_finite_metrics(sd1, tmp_path):
-    result = sweep(sd1, SOURCE, SWAP, cross=(0.2, 0.8), self_attn=0.4, k=(0.0, 0.5), values=(0.0, 0.5), blend="dog", steps=3, seed=0)
+    result = sweep(
+        sd1,
+        SOURCE,
+        SWAP,
+        cross=(0.2, 0.8),
+        self_attn=0.4,
+        k=(0.0, 0.5),
+        values=(0.0, 0.5),
+        blend="dog",
+        steps=3,
+        seed=0,
+    )
     assert len(result.rows) == 8 and len(result.edited) == len(result.returned) == 8
     settings = {(r["cross"], r["self_attn"], r["k"], r["values"]) for r in result.rows}
     assert settings == {(c, 0.4, k, v) for c in (0.2, 0.8) for k in (0.0, 0.5) for v in (0.0, 0.5)}
@@ -131,8 +142,20 @@ def test_bad_grids_are_refused_before_anything_runs(sd1, grid, message):
 def test_a_sweep_on_the_shapes_model_measures_edit_success(shapes):
     source = "a big red circle and a small blue square on a black background"
     edited = source.replace("blue", "green")
-    result = sweep(shapes, source, edited, cross=0.8, self_attn=0.4, k=(0.0, 0.7), blend="green", mask_threshold=0.7,
-                   success=lambda image: prompt_matches(image, edited), steps=20, seed=0, self_max_scale=1.0)
+    result = sweep(
+        shapes,
+        source,
+        edited,
+        cross=0.8,
+        self_attn=0.4,
+        k=(0.0, 0.7),
+        blend="green",
+        mask_threshold=0.7,
+        success=lambda image: prompt_matches(image, edited),
+        steps=20,
+        seed=0,
+        self_max_scale=1.0,
+    )
     assert all(row["edit_success"] for row in result.rows), result.rows
     assert prompt_matches(result.source, source) and not prompt_matches(result.source, edited)
     blended = [r["background_psnr"] for r in result.rows if r["k"] == 0.7]
