@@ -193,9 +193,6 @@ class Controller:
         self.levels = [
             _Level(group, parents, mapping, alpha, scale, beta, self.device) for group, parents in self.level_lists
         ]
-        # One depth of targets, all children of the source (the common case): edits need no
-        # copy of the whole batch, the source row is concatenated in front of the edited rows.
-        self.single_level = len(self.levels) == 1 and self.levels[0].rows == slice(1, len(self.branches))
 
     def _build_self(self, recipe: Recipe) -> None:
         count = len(self.branches)
@@ -237,6 +234,10 @@ class Controller:
             return self.offset
         return None
 
+    @property
+    def records_self(self) -> bool:
+        return self.recorder.record_self_at is not None
+
     def cross_values(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
         """Value injection (CL P2P) on the conditional half's values (branches, heads, tokens, dim):
         ``V* = V + beta * (V_parent re-indexed to this prompt's tokens - V)`` for aligned tokens."""
@@ -261,19 +262,17 @@ class Controller:
         injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
         if not (injected or scaled):
             return conditional
-        single = self.single_level
-        edited = conditional if single else conditional.clone()
-        for level in self.levels:  # parents before children: chains see edited parents
+        # In place, level by level: parents before children, so chains see edited parents,
+        # and a level's own rows are read before they are written.
+        for level in self.levels:
             maps = conditional[level.rows]
             if injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
-                carried = level.carry(edited[level.parents])
+                carried = level.carry(conditional[level.parents])
                 maps = torch.lerp(maps, carried, level.alpha[self.step][:, None, None, :])
             if scaled:  # re-weighting: M* = c * M for the chosen words' tokens
                 maps = maps * level.scale[self.step][:, None, None, :]
-            if single:
-                return torch.cat([conditional[:1], maps])
-            edited[level.rows] = maps
-        return edited
+            conditional[level.rows] = maps
+        return conditional
 
 
 class Blender:

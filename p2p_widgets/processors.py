@@ -8,10 +8,10 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
   Injection is then ``sdpa(Q_parent, K_parent, V_target)``, identical to replacing
   the target's attention probabilities by the parent's, without materialising them.
 * cross-attention: from which batch row on the probabilities are needed (``None``:
-  none, at a step with nothing to record or edit). Those rows' probabilities are computed
-  explicitly (fp32 softmax) and given to the controller, which records and edits them,
-  and so are their values (value injection); the other rows (the unconditional half)
-  use SDPA.
+  none, at a step with nothing to record or edit: SDPA). The probabilities are then
+  computed explicitly (fp32 softmax; cross-attention has few keys) and those rows are
+  given to the controller, which records and edits them, and so are their values (value
+  injection); the other rows (the unconditional half) are left as they are.
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
@@ -62,6 +62,15 @@ class LayerPlace:
 
 
 class AttentionHandler(Protocol):
+    """What a run's controller answers the processors (see the module docstring).
+
+    ``cross_probabilities`` and ``cross_values`` return the tensor they were given when
+    nothing changes, and may edit it in place; ``record_self`` is called only when
+    ``records_self`` is true.
+    """
+
+    records_self: bool
+
     def explicit_rows(self, place: LayerPlace) -> int | None: ...
 
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
@@ -206,27 +215,30 @@ class P2PAttnProcessor:
 
         first = handler.explicit_rows(self.place) if self.place.is_cross else None
         if first is not None:
-            # Rows before ``first`` (the unconditional half) need no record or edit: SDPA.
-            # The rest: explicit probabilities (batch, heads, pixels, tokens), fp32 softmax.
-            # the scale goes on the keys: the smallest operand (tokens x head_dim)
-            scores = torch.matmul(query[first:], (key[first:] * attn.scale).transpose(-1, -2))
+            # Explicit probabilities (batch, heads, pixels, tokens), fp32 softmax, for every
+            # row in one product (cross-attention has few keys: cheaper than splitting off
+            # the unconditional half for SDPA); the handler sees the rows from ``first`` on
+            # and may edit them in place. The scale goes on the keys: the smallest operand.
+            scores = torch.matmul(query, (key * attn.scale).transpose(-1, -2))
             if attention_mask is not None:
-                scores = scores + attention_mask[first:]
-            probs = handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
-            values = handler.cross_values(self.place, value[first:])
-            hidden_states = torch.matmul(probs.to(value.dtype), values)
-            if first > 0:
-                mask = None if attention_mask is None else attention_mask[:first]
-                plain = F.scaled_dot_product_attention(
-                    query[:first], key[:first], value[:first], attn_mask=mask, scale=attn.scale
-                )
-                hidden_states = torch.cat([plain, hidden_states])
+                scores = scores + attention_mask
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            conditional = probs[first:] if first else probs
+            edited = handler.cross_probabilities(self.place, conditional)
+            if edited is not conditional:
+                probs = torch.cat([probs[:first], edited]) if first else edited
+            own = value[first:] if first else value
+            values = handler.cross_values(self.place, own)
+            if values is not own:
+                value = torch.cat([value[:first], values]) if first else values
+            hidden_states = torch.matmul(probs.to(value.dtype), value)
         elif self.place.is_cross:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
             )
         else:
-            handler.record_self(self.place, query, key, attn.scale)
+            if handler.records_self:
+                handler.record_self(self.place, query, key, attn.scale)
             sources = handler.self_sources(self.place)
             if sources is not None:  # Q and K of the parent, V of the branch itself
                 query, key = query.index_select(0, sources), key.index_select(0, sources)

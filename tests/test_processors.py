@@ -10,6 +10,8 @@ from p2p_widgets.processors import LayerPlace, P2PAttnProcessor, find_places
 class Handler:
     """A controller stand-in that injects one row's queries and keys into another."""
 
+    records_self = False
+
     def __init__(self, sources=None, first=0):
         self.sources = sources
         self.first = first
