@@ -37,6 +37,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping, Union
 
+from .checks import is_int, is_real
+
 __all__ = [
     "Window",
     "CrossWindow",
@@ -58,7 +60,7 @@ CrossWindowLike = Union["CrossWindow", WindowLike, Mapping[str, WindowLike]]
 
 
 def _fraction(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise TypeError(f"{what} must be a number between 0 and 1, not {value!r}")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be between 0 and 1 (a fraction of the steps), not {value}")
@@ -196,12 +198,12 @@ class LocalBlend:
             )
         if not self.words and not self.parent_words:
             raise ValueError("LocalBlend needs at least one word, e.g. LocalBlend(('cat',))")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+        if not is_real(self.threshold):
             raise TypeError(f"the blend threshold must be a number, not {self.threshold!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"the blend threshold must be between 0 and 1 (exclusive), not {self.threshold}")
         object.__setattr__(self, "threshold", float(self.threshold))
-        if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or not 0 <= self.dilation <= MAX_DILATION:
+        if not is_int(self.dilation) or not 0 <= self.dilation <= MAX_DILATION:
             raise ValueError(
                 f"the blend dilation is a max-pool radius in cells from 0 to {MAX_DILATION} (1 in the paper), "
                 f"not {self.dilation!r}"
@@ -280,7 +282,7 @@ class Target:
             raise TypeError(f"a target's prompt is a string, not {type(self.prompt).__name__}")
         if not self.prompt.strip():
             raise ValueError('a target\'s prompt is empty; give the edited prompt, e.g. "a dog riding a bicycle"')
-        if isinstance(self.parent, bool) or not isinstance(self.parent, int) or self.parent < 0:
+        if not is_int(self.parent) or self.parent < 0:
             raise ValueError(
                 f"parent is a branch index (0 = the source, k = the k-th target), not {self.parent!r}"
             )
@@ -290,7 +292,7 @@ class Target:
         object.__setattr__(self, "self_attn", Window.parse(self.self_attn))
         object.__setattr__(self, "values", Window.parse(self.values))
         beta = self.value_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        if not is_real(beta) or not 0.0 <= beta <= 1.0:
             raise ValueError(f"value_beta is the parent's share of the values, a number from 0 to 1, not {beta!r}")
         object.__setattr__(self, "value_beta", float(beta))
         if self.reweight_window is not None:
@@ -303,7 +305,7 @@ class Target:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"reweight holds (word, weight) pairs, not {pair!r}")
             word, scale = _word(pair[0], "reweight"), pair[1]
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= FLOAT32_MAX:
+            if not is_real(scale) or not abs(scale) <= FLOAT32_MAX:
                 raise ValueError(
                     f"the weight of {word!r} must be a finite number (within float32, |c| <= 3.4e38), not {scale!r}"
                 )
@@ -437,7 +439,7 @@ class Recipe:
             value = getattr(self, name)
             if value is None and name == "guidance":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise TypeError(f"{name} must be a number, not {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, not {value!r}")
@@ -456,7 +458,7 @@ class Recipe:
                 raise ValueError(f"{name} is {meaning}, in [0, 1], not {getattr(self, name):g}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive number of pixels or None, not {value!r}")
         if not isinstance(self.negative_prompt, str):
             raise TypeError(f"negative_prompt is a string, not {type(self.negative_prompt).__name__}")
@@ -474,7 +476,7 @@ class Recipe:
             if (
                 not isinstance(value, (tuple, list))
                 or len(value) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_SIDE for v in value)
+                or any(not is_int(v) or not low <= v <= MAX_SIDE for v in value)
             ):
                 raise ValueError(f"{name} is {what} (at most {MAX_SIDE}), not {value!r}")
             object.__setattr__(self, name, (int(value[0]), int(value[1])))
@@ -575,7 +577,7 @@ def check_seed_and_steps(seed: Any, steps: Any) -> None:
     """Raise a clear error unless ``seed`` is an integer in ``[0, 2**63)`` and ``steps``
     a positive one (at most :data:`MAX_STEPS`)."""
     for name, value in (("seed", seed), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an integer, not {value!r}")
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be from 0 to 2**63 - 1 (a torch generator seed), not {seed}")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import is_int
 from .control import Blender, Branch, Controller, plan_branches
 from .edits import Recipe, Target
 from .families import Conditioning, Family, NotFinite, check_multiple, family_of
@@ -226,13 +227,26 @@ def resolve(family: Family, recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _step_kwargs(scheduler, eta: float, seed: int) -> dict[str, Any]:
+def _step_kwargs(scheduler: Any, eta: float, seed: int, count: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The scheduler step's extra arguments: DDIM's eta, and for stochastic samplers
+    (eta > 0, ancestral, SDE) the noise generators.
+
+    Every branch gets its own CPU generator in the same state, so all branches draw the
+    same noise at every step (the paper's "same seed for all": a stochastic sampler must not
+    tell branches apart), and the state is the stock pipeline's after it drew x_T from
+    ``seed``, so the source's noise is the stock pipeline's too.
+    """
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs: dict[str, Any] = {}
     if "eta" in accepted:
         kwargs["eta"] = eta
     if "generator" in accepted:
-        kwargs["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+        generators = []
+        for _ in range(count):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            torch.randn(shape, generator=generator)  # x_T, as the stock pipeline draws it first
+            generators.append(generator)
+        kwargs["generator"] = generators
     return kwargs
 
 
@@ -283,7 +297,7 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"run() takes a Recipe, not {type(recipe).__name__}; use edit() for prompts")
-    if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
+    if not is_int(preview_every) or preview_every < 0:
         raise ValueError(f"preview_every is a number of steps (0 = no preview), not {preview_every!r}")
     if not isinstance(record, bool):
         raise TypeError(f"record is True or False, not {record!r}")
@@ -353,7 +367,7 @@ def run(
         pin = guide is not None and guide.pin_source
         # 2. x_T shared by every branch (the paper: same seed for all), on the schedule set above.
         x = latents.to(device=device, dtype=dtype).expand(count, -1, -1, -1) * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, recipe.eta, recipe.seed)
+        step_kwargs = _step_kwargs(scheduler, recipe.eta, recipe.seed, count, expected)
         blender = Blender.plan(branches, steps, latent_size, places, device)
         recorder = Recorder(
             [b.prompt for b in branches],

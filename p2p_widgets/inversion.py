@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import is_index, is_int, is_real
 from .control import plan_branches
 from .edits import Recipe
 from .engine import Cancelled, Guide, Progress, Result, check_steps, edit, estimate_run, make_scheduler, resolve
@@ -340,7 +341,7 @@ def prepare_image(
         oversized image, a bad array, a size the model cannot take, an unknown fit.
     """
     for name, value in (("multiple", multiple), ("max_pixels", max_pixels)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_index(value) or value < 1:
             raise ValueError(f"{name} is a positive whole number, not {value!r}")
     height, width = _size(size, int(multiple), int(max_pixels))
     if not isinstance(fit, str) or fit not in ("crop", "pad"):
@@ -387,7 +388,7 @@ def _size(size: Any, multiple: int, max_pixels: int = MAX_PIXELS) -> tuple[int, 
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise ValueError(f"size is (height, width) in pixels, not {size!r}")
     for name, side in zip(("height", "width"), size):
-        if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
+        if not is_index(side):
             raise ValueError(f"size is (height, width) in whole pixels, not {size!r}: the {name} is a {type(side).__name__}")
         if side < multiple:
             raise ValueError(
@@ -577,11 +578,11 @@ def _frozen(module: torch.nn.Module):
 def _check(method: str, steps: Any, guidance: Any, inner_steps: Any) -> None:
     if method not in METHODS:
         raise ValueError(f"method is one of {', '.join(METHODS)}, not {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps is a positive whole number, not {steps!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 1:
+    if not is_real(guidance) or guidance < 1:
         raise ValueError(f"guidance is a number >= 1, not {guidance!r}")
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+    if not is_int(inner_steps) or inner_steps < 1:
         raise ValueError(f"inner_steps is a positive whole number, not {inner_steps!r}")
 
 

@@ -2,8 +2,9 @@
 
 Nothing is downloaded unless a hub id is given. ``"shapes"`` is the model this project
 trains and ships inside the package (``p2p_widgets/shapes/weights``), loaded with
-``from_pretrained`` exactly like a hub model. ``"tiny"`` and ``"tiny-sd2"`` are in-process
-pipelines with random weights (for trying the API and for tests: their images are noise).
+``from_pretrained`` exactly like a hub model. ``"tiny"``, ``"tiny-sd2"`` and ``"tiny-sdxl"``
+are in-process pipelines with random weights (for trying the API and for tests: their
+images are noise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["load_pipeline", "check_device", "model_name", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
 
-BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2"}
+BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}  # name -> p2p_widgets.testing kind
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
 REAL_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_VARIABLE = "P2P_WIDGETS_MODEL"
@@ -55,9 +56,10 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
             )
         name = str(SHAPES_WEIGHTS)
     if name in BUILT_IN:
-        from .testing import tiny_pipeline
+        from .testing import tiny_pipeline, tiny_sdxl_pipeline
 
-        pipe = tiny_pipeline(BUILT_IN[name], dtype=dtype or torch.float32)
+        kind = BUILT_IN[name]
+        pipe = tiny_sdxl_pipeline(dtype=dtype or torch.float32) if kind == "sdxl" else tiny_pipeline(kind, dtype=dtype or torch.float32)
     else:
         options = {"safety_checker": None, "requires_safety_checker": False}
         local = Path(name).expanduser().exists()

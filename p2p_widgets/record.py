@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import is_index
 from .processors import LayerPlace, map_size
 from .prompts import Prompt
 
@@ -75,7 +76,7 @@ class AttentionRecord:
         ``factor``: one resolution (its downsampling factor), or None to aggregate all
         resolutions at the latent size.
         """
-        if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < len(self.prompts):
+        if not is_index(branch) or not 0 <= branch < len(self.prompts):
             raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{len(self.prompts) - 1}")
         if factor is not None:
             self._factor(factor)
@@ -136,12 +137,12 @@ class AttentionRecord:
                 "this run recorded no self-attention; run it with record_self=(step, factor), "
                 "e.g. run(pipe, recipe, record_self=(25, 2))"
             )
-        if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or not 0 <= branch < len(self.prompts):
+        if not is_index(branch) or not 0 <= branch < len(self.prompts):
             raise ValueError(f"branch {branch!r} does not exist; this run has branches 0..{len(self.prompts) - 1}")
         (_, factor), probabilities = self.self_maps
         height, width = map_size(self.latent_size, factor)
         pixels = height * width
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= pixels:
+        if not is_index(count) or not 1 <= count <= pixels:
             raise ValueError(f"count is the number of components, 1..{pixels} at this resolution, not {count!r}")
         matrix = probabilities[branch].double()  # (pixels, pixels): row = query pixel
         centred = matrix - matrix.mean(dim=1, keepdim=True)
@@ -375,7 +376,7 @@ class Heatmaps:
         """Maps of token positions, averaged over ``steps``: (len(tokens), h, w) float32."""
         length = self.prompt.length
         for token in tokens:
-            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < length:
+            if not is_index(token) or not 0 <= token < length:
                 raise ValueError(
                     f"token position {token!r} is not in the prompt {self.prompt.text!r}; "
                     f"its positions are 0 (begin-of-text) .. {length - 1} (end-of-text)"

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from ..checks import is_int, is_real
 from ..edits import CrossWindow, LocalBlend, Recipe, Target, Window, check_seed_and_steps
 from ..engine import Cancelled, Progress, Result, run, vae_factor
 from ..families import Family, family_of
@@ -75,7 +76,7 @@ class WordChoice:
     local: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight != self.weight:
+        if not is_real(self.weight) or self.weight != self.weight:
             raise ValueError(f"a word's weight is a number (1 = unchanged), not {self.weight!r}")
         object.__setattr__(self, "weight", float(self.weight))
         object.__setattr__(self, "preserve", bool(self.preserve))
@@ -142,7 +143,7 @@ class Settings:
             raise TypeError(f"the source prompt is a string, not {type(self.source).__name__}")
         object.__setattr__(self, "edits", tuple(self.edits))
         check_seed_and_steps(self.seed, self.steps)
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+        if not is_real(self.guidance) or not math.isfinite(self.guidance):
             raise TypeError(f"guidance must be a finite number, not {self.guidance!r}")
         for name in ("cross", "self_attn", "values"):
             window = Window.parse(getattr(self, name))  # validates
@@ -560,7 +561,7 @@ class Session:
 
     def _check_row(self, row: int, edits_only: bool = False) -> None:
         low = 1 if edits_only else 0
-        if isinstance(row, bool) or not isinstance(row, int) or not low <= row <= len(self.settings.edits):
+        if not is_int(row) or not low <= row <= len(self.settings.edits):
             what = "an edit row" if edits_only else "a row (0 = the source)"
             raise ValueError(f"{what} is {low}..{len(self.settings.edits)}, not {row!r}")
 
@@ -782,7 +783,7 @@ class Session:
         entry = self._entry(number)
         branch = self.state.view.branch if branch is None else branch
         recipe = entry.result.recipe
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= len(recipe.targets):
+        if not is_int(branch) or not 0 <= branch <= len(recipe.targets):
             raise ValueError(f"run {entry.number} has images 0..{len(recipe.targets)}, not {branch!r}")
         path = []
         while branch != 0:
@@ -801,7 +802,7 @@ class Session:
     def back_to(self, step: int) -> Settings:
         """Go back to chain step ``step`` (0: the source) and edit from there."""
         chain = self.settings.chain
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(chain):
+        if not is_int(step) or not 0 <= step <= len(chain):
             raise ValueError(f"the chain has steps 0..{len(chain)}, not {step!r}")
         kept = chain[:step]
         settings = dataclasses.replace(self.settings, chain=kept, edits=(EditRow(kept[-1].prompt if kept else self.settings.source),))
@@ -867,11 +868,11 @@ class Session:
         entry = self._entry(view.entry) if view.entry is not None else None
         if entry is not None:
             count = len(entry.result.images)
-            if isinstance(view.branch, bool) or not isinstance(view.branch, int) or not 0 <= view.branch < count:
+            if not is_int(view.branch) or not 0 <= view.branch < count:
                 raise ValueError(f"branch {view.branch!r} does not exist; this run has branches 0..{count - 1}")
             record = entry.result.attention
             steps = record.steps if record is not None else entry.result.recipe.steps
-            if view.step is not None and (isinstance(view.step, bool) or not isinstance(view.step, int) or not 0 <= view.step < steps):
+            if view.step is not None and (not is_int(view.step) or not 0 <= view.step < steps):
                 raise ValueError(f"step {view.step!r} does not exist; this run has steps 0..{steps - 1} (None: all)")
             if view.factor is not None and (record is None or view.factor not in record.factors):
                 have = ", ".join(str(f) for f in record.factors) if record is not None else "none"
