@@ -1,3 +1,11 @@
+import os
+
+# OpenMP's threads sleep instead of spinning while they wait, unless the developer chose:
+# where the cores are shared (two test runs at once, a notebook kernel beside the tests)
+# spinning threads starve each other; beside another run a 20-step shapes edit took 70 s
+# spinning, 8 s sleeping. Set before torch is imported: OpenMP reads it once, on loading.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import matplotlib
 
 matplotlib.use("agg")
@@ -8,6 +16,20 @@ import pytest
 import torch
 
 from p2p_widgets.testing import tiny_pipeline
+
+# A fixed, small number of CPU threads for the whole session: torch's float reductions
+# split differently with the thread count (results could differ in the last bits from one
+# machine to another), and so do timings; 2 is what CI and the developers' machines have.
+# Only this process: the notebooks' kernels and the browser test's JupyterLab choose their own.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The notebooks' cells (nbval) are slow together: each notebook runs the shapes model
+    for tens of seconds. Marked, not skipped: ``-m "not slow"`` leaves them out."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

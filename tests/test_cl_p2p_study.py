@@ -4,11 +4,14 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from cl_p2p_study import VALUE_SETTINGS, study
 
 
+@pytest.mark.slow
 def test_the_quick_study_reports_every_figure():
     figures = study(quick=True)
     assert figures["cases"] >= 2

@@ -363,8 +363,15 @@ BAD_COMMANDS = [
 ]
 
 
+SLOW_COMMANDS = {"hub-model-cannot-be-loaded"}  # the hub's refusal comes after a connection timeout, about 20 s
+
+
 @pytest.mark.parametrize(
-    "arguments, setup, words, loads", [case[1:] for case in BAD_COMMANDS], ids=[case[0] for case in BAD_COMMANDS]
+    "arguments, setup, words, loads",
+    [
+        pytest.param(*case[1:], id=case[0], marks=pytest.mark.slow if case[0] in SLOW_COMMANDS else ())
+        for case in BAD_COMMANDS
+    ],
 )
 def test_every_failure_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, arguments, setup, words, loads):
     import p2p_widgets.models as models

@@ -156,6 +156,7 @@ def _run_cell(page, index: int) -> None:
     )
 
 
+@pytest.mark.slow  # starts JupyterLab and Chromium
 def test_panel_in_jupyterlab(lab, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

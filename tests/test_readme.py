@@ -3,11 +3,13 @@
 import re
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.slow
 def test_the_ten_line_example_runs_and_saves_its_pictures(tmp_path, monkeypatch):
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## In ten lines") :]

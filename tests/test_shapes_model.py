@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -59,6 +60,7 @@ def test_generates_64px_images_and_edits(shapes):
     assert result.attention.word_map(0, "circle").shape == (16, 16)
 
 
+@pytest.mark.slow
 def test_quick_evaluation(shapes):
     """The quick run (40 prompts, 20 steps) against floors a little under this model's
     figures (quick: 0.9 / 0.64 / 0.83 vs 0.22 / 32.0 vs 31.0 dB / 0.875 of 8 colour sweeps
