@@ -79,12 +79,22 @@ def sd15_pipeline(dtype: torch.dtype):
         )
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
@@ -107,49 +117,87 @@ def sdxl_pipeline(dtype: torch.dtype, device: torch.device | str = "cpu"):
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer(pad_token="!")
     torch.manual_seed(0)
     with torch.device(device):
-        unet = cast(UNet2DConditionModel(
-            sample_size=128,
-            cross_attention_dim=2048,
-            attention_head_dim=(5, 10, 20),  # read as the number of heads (diffusers#2011): 64 channels each
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,  # 6 size numbers * 256 + the pooled 1280
-        ))
-        text_encoder = cast(CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )))
-        text_encoder_2 = cast(CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14
-            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
-            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id,
-        )))
-        vae = cast(AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        ))
+        unet = cast(
+            UNet2DConditionModel(
+                sample_size=128,
+                cross_attention_dim=2048,
+                attention_head_dim=(5, 10, 20),  # read as the number of heads (diffusers#2011): 64 channels each
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,  # 6 size numbers * 256 + the pooled 1280
+            )
+        )
+        text_encoder = cast(
+            CLIPTextModel(
+                CLIPTextConfig(  # CLIP ViT-L/14
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    hidden_act="quick_gelu",
+                    projection_dim=768,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            )
+        )
+        text_encoder_2 = cast(
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(  # OpenCLIP ViT-bigG/14
+                    vocab_size=49408,
+                    hidden_size=1280,
+                    intermediate_size=5120,
+                    num_hidden_layers=32,
+                    num_attention_heads=20,
+                    max_position_embeddings=77,
+                    hidden_act="gelu",
+                    projection_dim=1280,
+                    bos_token_id=tokenizer_2.bos_token_id,
+                    eos_token_id=tokenizer_2.eos_token_id,
+                    pad_token_id=tokenizer_2.pad_token_id,
+                )
+            )
+        )
+        vae = cast(
+            AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4,
+                layers_per_block=2,
+                sample_size=1024,
+                scaling_factor=0.13025,
+                force_upcast=True,
+            )
+        )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
-        interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="leading", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -171,8 +219,14 @@ def build(arch: str, dtype: torch.dtype, device: torch.device, size: int):
 def stock_call(pipe, noise: torch.Tensor, steps: int, size: int):
     """The stock pipeline making SOURCE and TARGET in one batch from the same x_T."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    return pipe([SOURCE, TARGET], latents=noise.expand(2, -1, -1, -1).to(device, dtype), num_inference_steps=steps,
-                guidance_scale=GUIDANCE, height=size, width=size).images
+    return pipe(
+        [SOURCE, TARGET],
+        latents=noise.expand(2, -1, -1, -1).to(device, dtype),
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        height=size,
+        width=size,
+    ).images
 
 
 class PeakMemory:
@@ -220,8 +274,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels; default: 32 (tiny, tiny-sdxl), 512 (sd15), 1024 (sdxl)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels; default: 32 (tiny, tiny-sdxl), 512 (sd15), 1024 (sdxl)",
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -233,47 +291,68 @@ def main() -> None:
     noise = initial_noise(pipe, 0, size, size)
 
     def ours():
-        return edit(pipe, SOURCE, Target(TARGET, cross=0.8, self_attn=0.4), steps=steps, guidance=GUIDANCE,
-                    height=size, width=size, scheduler="pipeline", record=True, latents=noise)
+        return edit(
+            pipe,
+            SOURCE,
+            Target(TARGET, cross=0.8, self_attn=0.4),
+            steps=steps,
+            guidance=GUIDANCE,
+            height=size,
+            width=size,
+            scheduler="pipeline",
+            record=True,
+            latents=noise,
+        )
 
     def stock():
         return stock_call(pipe, noise, steps, size)
 
+    # On the CPU the time is this process's CPU time (the work done, whatever else the
+    # machine runs; with --threads 1 it is the wall time of a quiet machine); on a GPU the
+    # wall time, synchronised.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
     def timed(function):
+        start = clock()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return clock() - start
+
+    def peak(function):  # apart from timing: the CPU's sampling thread would count as work
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
             function()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        return seconds, memory.used
+        return memory.used
 
     timed(ours), timed(stock)  # warm-up: kernels, allocator, caches
-    ratios, edit_times, stock_times, edit_peak, stock_peak = [], [], [], 0, 0
+    edit_peak, stock_peak = peak(ours), peak(stock)
+    ratios, edit_times, stock_times = [], [], []
     for repeat in range(args.repeats):
         order = (ours, stock) if repeat % 2 == 0 else (stock, ours)
         results = {f: timed(f) for f in order}
-        (edit_s, edit_mem), (stock_s, stock_mem) = results[ours], results[stock]
-        ratios.append(edit_s / stock_s)
-        edit_times.append(edit_s)
-        stock_times.append(stock_s)
-        edit_peak, stock_peak = max(edit_peak, edit_mem), max(stock_peak, stock_mem)
-    print(json.dumps({
-        "benchmark": "edit_overhead",
-        "arch": args.arch,
-        "device": str(device),
-        "dtype": args.dtype,
-        "size": size,
-        "steps": steps,
-        "repeats": args.repeats,
-        "ratio": round(statistics.median(ratios), 4),
-        "edit_s": round(statistics.median(edit_times), 4),
-        "stock_s": round(statistics.median(stock_times), 4),
-        "edit_peak_mb": round(edit_peak / 2**20, 1),
-        "stock_peak_mb": round(stock_peak / 2**20, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }))
+        ratios.append(results[ours] / results[stock])
+        edit_times.append(results[ours])
+        stock_times.append(results[stock])
+    print(
+        json.dumps(
+            {
+                "benchmark": "edit_overhead",
+                "arch": args.arch,
+                "device": str(device),
+                "dtype": args.dtype,
+                "size": size,
+                "steps": steps,
+                "repeats": args.repeats,
+                "ratio": round(statistics.median(ratios), 4),
+                "edit_s": round(statistics.median(edit_times), 4),
+                "stock_s": round(statistics.median(stock_times), 4),
+                "edit_peak_mb": round(edit_peak / 2**20, 1),
+                "stock_peak_mb": round(stock_peak / 2**20, 1),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

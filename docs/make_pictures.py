@@ -39,11 +39,23 @@ def make(out: Path, steps: int) -> list[Path]:
     one = "a big yellow heart on a gray background"
     pictures = {}
 
-    swap = _first_good(pipe, two, Target(two.replace("circle", "star")), Target(two.replace("circle", "star"), cross=0.0, self_attn=0.0), steps=steps)
+    swap = _first_good(
+        pipe,
+        two,
+        Target(two.replace("circle", "star")),
+        Target(two.replace("circle", "star"), cross=0.0, self_attn=0.0),
+        steps=steps,
+    )
     labels = ["source", "word swap: circle -> star", "the same prompt without injection"]
     pictures["swap.png"] = plot.tile_images(swap.images, labels, tile=TILE)
 
-    refine = _first_good(pipe, one, Target("a big yellow striped heart on a gray background"), Target(one.replace("gray", "checkered")), steps=steps)
+    refine = _first_good(
+        pipe,
+        one,
+        Target("a big yellow striped heart on a gray background"),
+        Target(one.replace("gray", "checkered")),
+        steps=steps,
+    )
     labels = ["source", 'refinement: + "striped"', "refinement: gray -> checkered background"]
     pictures["refine.png"] = plot.tile_images(refine.images, labels, tile=TILE)
 
@@ -54,7 +66,11 @@ def make(out: Path, steps: int) -> list[Path]:
 
     recoloured = two.replace("blue", "green")
     blend = _first_good(
-        pipe, two, Target(recoloured, blend=LocalBlend(("green", "square"), threshold=0.7)), Target(recoloured), steps=steps
+        pipe,
+        two,
+        Target(recoloured, blend=LocalBlend(("green", "square"), threshold=0.7)),
+        Target(recoloured),
+        steps=steps,
     )
     labels = ["source", "blue -> green, local blend on the square", "blue -> green, no blend"]
     changes = [plot.difference(blend, branch, gain=8) for branch in (1, 2)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
+from typing import Any
+
 from .control import Branch, Controller, plan_branches
 from .edits import CrossWindow, LocalBlend, Recipe, Target, Window
 from .engine import Cancelled, NotFinite, Progress, Result, edit, run
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:  # a submodule, or the panel class
     import importlib
 
     if name in ("plot", "panel"):  # matplotlib and ipywidgets are loaded only when asked for

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 __all__ = ["main"]
 
 DEFAULT_MODEL = "tiny"
-BUILT_IN_MODELS = ("tiny", "tiny-sd2", "shapes")
+BUILT_IN_MODELS = ("tiny", "tiny-sd2", "tiny-sdxl", "shapes")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 # the settings a recipe holds: with --recipe they would be ignored, so they are refused
 _RECIPE_OPTIONS = {
@@ -42,7 +42,8 @@ _RECIPE_OPTIONS = {
     "self_attn": "--self",
     "size": "--size",
 }
-_DEFAULTS = {"steps": 50, "seed": 0, "guidance": 7.5, "cross": 0.8, "self_attn": 0.4, "size": None}
+# guidance None: the model family's (7.5 for Stable Diffusion, 5 for SDXL)
+_DEFAULTS = {"steps": 50, "seed": 0, "guidance": None, "cross": 0.8, "self_attn": 0.4, "size": None}
 
 
 class CliError(Exception):
@@ -64,12 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--model",
         default=None,
-        help="tiny, tiny-sd2, shapes, a local folder or a hub id (default: tiny; with --recipe, the recipe's "
-        "model if it is on this machine)",
+        help="tiny, tiny-sd2, tiny-sdxl, shapes, a local folder or a hub id (default: tiny; with --recipe, the "
+        "recipe's model if it is on this machine)",
     )
     edit.add_argument("--steps", type=int, help="diffusion steps (default: 50)")
     edit.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
-    edit.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5)")
+    edit.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the model's, 7.5; 5 for SDXL)"
+    )
     edit.add_argument("--cross", type=float, help="cross-attention injection, fraction of steps (default: 0.8)")
     edit.add_argument(
         "--self", dest="self_attn", type=float, help="self-attention injection, fraction of steps (default: 0.4)"

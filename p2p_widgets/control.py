@@ -17,9 +17,11 @@ its edited branch; a target's map inside its window is ``Edit(M_parent, M_target
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ class Branch:
     target: Target | None  # the spec; None for the source
 
 
-def plan_branches(recipe: Recipe, tokenizer) -> tuple[Branch, ...]:
+def plan_branches(recipe: Recipe, tokenizer: Any) -> tuple[Branch, ...]:
     """Tokenise every prompt and check every word an edit names, before anything runs.
 
     Raises:
@@ -147,6 +149,7 @@ class Controller:
         self.step = 0
         parents = tuple(b.parent for b in branches)
         self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
+        self.pixels = {p.factor: p.map_size(*latent_size)[0] * p.map_size(*latent_size)[1] for p in places.values()}
         latent_side = min(latent_size)
         self.self_allowed = {
             name: min(place.map_size(*latent_size)) <= recipe.self_max_scale * latent_side + 1e-9
@@ -234,6 +237,10 @@ class Controller:
             return self.offset
         return None
 
+    def edits_cross(self, place: LayerPlace) -> bool:
+        """Whether this step changes cross-attention (probabilities or values) at all."""
+        return self.edited[self.step]
+
     @property
     def records_self(self) -> bool:
         return self.recorder.record_self_at is not None
@@ -252,8 +259,8 @@ class Controller:
 
     def cross_probabilities(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
         """Record and edit the conditional half's cross-attention (branches, heads, pixels, tokens)."""
-        height, width = place.map_size(*self.latent_size)
-        if conditional.shape[2] != height * width:
+        if conditional.shape[2] != self.pixels[place.factor]:
+            height, width = place.map_size(*self.latent_size)
             raise RuntimeError(
                 f"layer {place.name} has {conditional.shape[2]} pixels but {height}x{width} were expected "
                 f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this model's layout is not supported"
@@ -266,7 +273,9 @@ class Controller:
         # and a level's own rows are read before they are written.
         for level in self.levels:
             maps = conditional[level.rows]
-            if injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
+            if injected and level.identity and level.fully_injected[self.step]:  # M* = M_parent
+                maps = conditional[level.parents].expand_as(maps)
+            elif injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
                 carried = level.carry(conditional[level.parents])
                 maps = torch.lerp(maps, carried, level.alpha[self.step][:, None, None, :])
             if scaled:  # re-weighting: M* = c * M for the chosen words' tokens
@@ -287,7 +296,9 @@ class Blender:
     Build with :meth:`plan`, which returns None when no target blends.
     """
 
-    def __init__(self, branches: tuple[Branch, ...], steps: int, latent_size: tuple[int, int], factor: int, device):
+    def __init__(
+        self, branches: tuple[Branch, ...], steps: int, latent_size: tuple[int, int], factor: int, device: torch.device
+    ) -> None:
         self.branches = branches
         self.latent_size = latent_size
         self.factor = factor
@@ -319,7 +330,12 @@ class Blender:
 
     @classmethod
     def plan(
-        cls, branches: tuple[Branch, ...], steps: int, latent_size: tuple[int, int], places: dict[str, LayerPlace], device
+        cls,
+        branches: tuple[Branch, ...],
+        steps: int,
+        latent_size: tuple[int, int],
+        places: dict[str, LayerPlace],
+        device: torch.device,
     ) -> Blender | None:
         """The blender of a run, or None when no target blends."""
         if not any(b.target is not None and b.target.blend for b in branches):
@@ -375,7 +391,16 @@ class _Level:
     weighted (``width`` is 1 unless a swapped word has more tokens in the parent).
     """
 
-    def __init__(self, group, parents, mapping, alpha, scale, beta, device):
+    def __init__(
+        self,
+        group: list[int],
+        parents: list[int],
+        mapping: torch.Tensor,
+        alpha: torch.Tensor,
+        scale: torch.Tensor,
+        beta: torch.Tensor,
+        device: torch.device,
+    ) -> None:
         self.rows = _rows(group)
         self.parents = _rows(parents)
         self.count = len(group)
@@ -392,13 +417,19 @@ class _Level:
         self.width = width
         self.index = index.reshape(self.count, 1, 1, length * width).to(device)
         self.weight = None if width == 1 and bool((weight == 1).all()) else weight.to(device)
-        self.alpha = alpha[:, group].to(device)  # (steps, targets, tokens)
+        # The common word swap: every token maps to the same position in the parent, so
+        # carrying maps over is the parent's maps as they are (no gather).
+        self.identity = self.weight is None and bool((index[..., 0] == torch.arange(length)).all())
+        # Steps at which every token of every target of this level is injected (no lerp needed).
+        group_alpha = alpha[:, group]
+        self.fully_injected = [bool((group_alpha[s] == 1).all()) for s in range(alpha.shape[0])]
+        self.alpha = group_alpha.to(device)  # (steps, targets, tokens)
         self.scale = scale[:, group].to(device)
         self.beta = beta[:, group].to(device)
 
     def carry(self, parent_maps: torch.Tensor) -> torch.Tensor:
         """Parent maps (targets, heads, pixels, parent tokens) re-indexed to the targets' tokens."""
-        count, heads, pixels, length = parent_maps.shape
+        _, heads, pixels, length = parent_maps.shape
         parent_maps = parent_maps.expand(self.count, heads, pixels, length)
         gathered = parent_maps.gather(-1, self.index.expand(self.count, heads, pixels, -1))
         if self.weight is None:
@@ -409,17 +440,19 @@ class _Level:
 
 def _rows(indices: list[int]) -> slice | list[int]:
     """A slice when the indices are consecutive (cheaper than gathering), else the list."""
-    if all(b - a == 1 for a, b in zip(indices, indices[1:])):
+    if all(b - a == 1 for a, b in itertools.pairwise(indices)):
         return slice(indices[0], indices[-1] + 1)
     if len(set(indices)) == 1:
         return slice(indices[0], indices[0] + 1)
     return indices
 
 
-def same_tokens(parent: Prompt, branch: Branch) -> "np.ndarray":
+def same_tokens(parent: Prompt, branch: Branch) -> np.ndarray:
     """(tokens,) float: 1 where the branch's token is its parent's token carried over
     unchanged (one parent token, weight 1, the same id: unchanged words, begin- and
     end-of-text, padding), 0 for swapped and new words."""
+    if branch.alignment is None:
+        raise ValueError("the source branch has no parent to share tokens with")
     matrix = branch.alignment.matrix
     same = np.zeros(matrix.shape[1], dtype=np.float32)
     for token in range(matrix.shape[1]):

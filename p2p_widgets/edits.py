@@ -34,8 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Mapping, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .checks import is_int, is_real
 
@@ -47,6 +48,9 @@ __all__ = [
     "Recipe",
     "WindowLike",
     "CrossWindowLike",
+    "WordLike",
+    "WordsLike",
+    "ReweightLike",
     "check_seed_and_steps",
     "MAX_SEED",
     "MAX_STEPS",
@@ -55,8 +59,22 @@ __all__ = [
 
 MAX_DILATION = 32  # local-blend dilation radius, in cells of the mask's map (1 in the paper)
 
-WindowLike = Union["Window", float, int, tuple, list]
-CrossWindowLike = Union["CrossWindow", WindowLike, Mapping[str, WindowLike]]
+# What the specs' constructors accept; their fields hold the parsed form (a Window, a tuple
+# of words), which is what every reader of a spec sees.
+#: a window: a Window, ``f`` (steps [0, f)), ``(start, end)`` or ``{"start": s, "end": e}``
+WindowLike = Union["Window", float, int, tuple, list, Mapping[str, float]]
+#: a word: its text, or its index (from 0) in the prompt
+WordLike = str | int
+#: a cross window: a window, ``{"default_": w, word: w, ...}`` (word keys: text or indices)
+#: or the JSON form of :meth:`CrossWindow.to_json`
+CrossWindowLike = Union[
+    "CrossWindow", WindowLike, Mapping[str, WindowLike], Mapping[int, WindowLike], Mapping[WordLike, WindowLike]
+]
+#: words: one word, or a tuple or list of them
+WordsLike = WordLike | Sequence[WordLike]
+#: word weights: ``{word: c}``, or (word, c) pairs (Mapping is invariant in its key type:
+#: a dict keyed by text alone or by indices alone is each its own member)
+ReweightLike = Mapping[str, float] | Mapping[int, float] | Mapping[WordLike, float] | Sequence[tuple[WordLike, float]]
 
 
 def _fraction(value: Any, what: str) -> float:
@@ -79,8 +97,7 @@ class Window:
         object.__setattr__(self, "end", _fraction(self.end, "a window's end"))
         if self.start > self.end:
             raise ValueError(
-                f"a window's start ({self.start}) is after its end ({self.end}); "
-                "give (start, end) with start <= end"
+                f"a window's start ({self.start}) is after its end ({self.end}); give (start, end) with start <= end"
             )
 
     @classmethod
@@ -98,8 +115,7 @@ class Window:
             if missing or extra:
                 problem = f"missing {', '.join(missing)}" if missing else f"unknown key(s) {', '.join(extra)}"
                 raise ValueError(
-                    f"a window is a fraction f, [start, end] or {{\"start\": s, \"end\": e}}; "
-                    f"{dict(value)!r} has {problem}"
+                    f'a window is a fraction f, [start, end] or {{"start": s, "end": e}}; {dict(value)!r} has {problem}'
                 )
             return cls(value["start"], value["end"])
         return cls(0.0, _fraction(value, "a window"))
@@ -128,7 +144,18 @@ class CrossWindow:
     """
 
     default: Window = field(default_factory=lambda: Window(0.0, 0.8))
-    words: tuple[tuple[str, Window], ...] = ()
+    words: tuple[tuple[WordLike, Window], ...] = ()
+
+    if TYPE_CHECKING:  # what the constructor accepts; __post_init__ parses it into the fields
+
+        def __init__(
+            self,
+            default: WindowLike = ...,
+            words: Mapping[str, WindowLike]
+            | Mapping[int, WindowLike]
+            | Mapping[WordLike, WindowLike]
+            | Sequence[tuple[WordLike, WindowLike]] = ...,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "default", Window.parse(self.default))
@@ -150,16 +177,19 @@ class CrossWindow:
         A mapping with "start" or "end" is one window (``{"start": s, "end": e}``, strictly)."""
         if isinstance(value, CrossWindow):
             return value
-        if isinstance(value, Mapping) and set(value) == {"default", "words"}:
-            words = value["words"]
+        if not isinstance(value, Mapping):
+            return cls(Window.parse(value))
+        mapping: Mapping[Any, Any] = value  # keys: text ("default_", a word) or word indices, checked below
+        if set(mapping) == {"default", "words"}:
+            words = mapping["words"]
             if not isinstance(words, (list, tuple)):
                 raise ValueError(f'"words" of a cross window is a list of [word, window] pairs, not {words!r}')
-            return cls(Window.parse(value["default"]), tuple(words))
-        if isinstance(value, Mapping) and not {"start", "end"} & set(value):
-            value = dict(value)
-            default = value.pop("default_", 1.0)
-            return cls(Window.parse(default), tuple(value.items()))
-        return cls(Window.parse(value))
+            return cls(Window.parse(mapping["default"]), tuple(words))
+        if not {"start", "end"} & set(mapping):
+            per_word = dict(mapping)
+            default = per_word.pop("default_", 1.0)
+            return cls(Window.parse(default), tuple(per_word.items()))
+        return cls(Window.parse(mapping))
 
     def to_json(self) -> Any:
         """``[start, end]``, or with per-word windows ``{"default": [s, e], "words": [[word, [s, e]], ...]}``
@@ -184,11 +214,22 @@ class LocalBlend:
     "cat" -> "tiger", blending on "tiger" also covers "cat" in the parent).
     """
 
-    words: tuple[str, ...]
-    parent_words: tuple[str, ...] | None = None
+    words: tuple[WordLike, ...]
+    parent_words: tuple[WordLike, ...] | None = None
     threshold: float = 0.3
     dilation: int = 1
     start: float = 0.0
+
+    if TYPE_CHECKING:  # what the constructor accepts; __post_init__ parses it into the fields
+
+        def __init__(
+            self,
+            words: WordsLike,
+            parent_words: WordsLike | None = ...,
+            threshold: float = ...,
+            dilation: int = ...,
+            start: float = ...,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", _words(self.words, "LocalBlend.words"))
@@ -222,7 +263,9 @@ class LocalBlend:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalBlend:
         if not isinstance(data, Mapping):
-            raise TypeError(f'a local blend is an object like {{"words": ["dog"], "threshold": 0.3}}, not {_kind(data)}')
+            raise TypeError(
+                f'a local blend is an object like {{"words": ["dog"], "threshold": 0.3}}, not {_kind(data)}'
+            )
         data = _known(cls, data)
         for name in ("words", "parent_words"):
             if isinstance(data.get(name), list):
@@ -270,12 +313,29 @@ class Target:
     kind: Literal["auto", "swap", "refine"] = "auto"
     cross: CrossWindow = field(default_factory=CrossWindow)
     self_attn: Window = field(default_factory=lambda: Window(0.0, 0.4))
-    reweight: tuple[tuple[str, float], ...] = ()
+    reweight: tuple[tuple[WordLike, float], ...] = ()
     reweight_window: Window | None = None
-    preserve: tuple[str, ...] = ()
+    preserve: tuple[WordLike, ...] = ()
     blend: LocalBlend | None = None
     values: Window = field(default_factory=lambda: Window(0.0, 0.0))
     value_beta: float = 1.0
+
+    if TYPE_CHECKING:  # what the constructor accepts; __post_init__ parses it into the fields
+
+        def __init__(
+            self,
+            prompt: str,
+            parent: int = ...,
+            kind: str = ...,  # checked: "auto", "swap" or "refine"
+            cross: CrossWindowLike = ...,
+            self_attn: WindowLike = ...,
+            reweight: ReweightLike = ...,
+            reweight_window: WindowLike | None = ...,
+            preserve: WordsLike = ...,
+            blend: LocalBlend | Mapping[str, Any] | WordsLike | None = ...,  # a mapping: its JSON form; words
+            values: WindowLike = ...,
+            value_beta: float = ...,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -283,9 +343,7 @@ class Target:
         if not self.prompt.strip():
             raise ValueError('a target\'s prompt is empty; give the edited prompt, e.g. "a dog riding a bicycle"')
         if not is_int(self.parent) or self.parent < 0:
-            raise ValueError(
-                f"parent is a branch index (0 = the source, k = the k-th target), not {self.parent!r}"
-            )
+            raise ValueError(f"parent is a branch index (0 = the source, k = the k-th target), not {self.parent!r}")
         if self.kind not in ("auto", "swap", "refine"):
             raise ValueError(f"kind must be 'auto', 'swap' or 'refine', not {self.kind!r}")
         object.__setattr__(self, "cross", CrossWindow.parse(self.cross))
@@ -346,7 +404,9 @@ class Target:
             raise ValueError('a target needs its "prompt"')
         for name in ("reweight", "preserve"):
             if name in data and not isinstance(data[name], (list, tuple, Mapping)):
-                raise TypeError(f"{name} is a list (or an object of word: weight for reweight), not {_kind(data[name])}")
+                raise TypeError(
+                    f"{name} is a list (or an object of word: weight for reweight), not {_kind(data[name])}"
+                )
         if isinstance(data.get("reweight"), Mapping):
             data["reweight"] = tuple(data["reweight"].items())
         elif "reweight" in data:
@@ -557,7 +617,8 @@ class Recipe:
             raise TypeError(f"Recipe.from_json takes JSON text, not {type(text).__name__}")
         if len(text) > MAX_RECIPE_CHARS:
             raise ValueError(
-                f"this is not a recipe: {len(text):,} characters of JSON, more than the {MAX_RECIPE_CHARS:,} a recipe may have"
+                f"this is not a recipe: {len(text):,} characters of JSON, "
+                f"more than the {MAX_RECIPE_CHARS:,} a recipe may have"
             )
         try:
             data = json.loads(text)
@@ -611,7 +672,9 @@ def _kind(value: Any) -> str:
     names = {str: "a string", list: "a list", dict: "an object", bool: "true/false", type(None): "null"}
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"the number {value!r}"
-    return names.get(type(value), type(value).__name__) + (f" {value!r}" if isinstance(value, str) and len(value) < 40 else "")
+    return names.get(type(value), type(value).__name__) + (
+        f" {value!r}" if isinstance(value, str) and len(value) < 40 else ""
+    )
 
 
 def _check_no_loops(targets: tuple[Target, ...]) -> None:
@@ -640,4 +703,3 @@ def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
             f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(names))}"
         )
     return dict(data)
-

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .checks import is_int
 from .control import Blender, Branch, Controller, plan_branches
 from .edits import Recipe, Target
-from .families import Conditioning, Family, NotFinite, check_multiple, family_of
+from .families import Conditioning, Family, NotFinite, family_of
 from .memory import MemoryEstimate
 from .processors import active, attached, map_size
 from .record import AttentionRecord, Recorder
@@ -153,7 +153,7 @@ class Result:
         return tuple(b.kind for b in self.branches)
 
 
-def make_scheduler(pipe: Any, name: str):
+def make_scheduler(pipe: Any, name: str) -> Any:
     """A fresh scheduler: class ``name`` built from the pipeline's scheduler config.
 
     ``name="pipeline"`` copies the pipeline's own scheduler class.
@@ -161,6 +161,7 @@ def make_scheduler(pipe: Any, name: str):
     import diffusers
 
     own = type(pipe.scheduler)
+    cls: Any
     if name == "pipeline":
         cls = own
     else:
@@ -170,7 +171,9 @@ def make_scheduler(pipe: Any, name: str):
         backends = getattr(cls, "_backends", None)
         if backends is not None and not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
             missing = [b for b in backends if b != "torch"]
-            raise ValueError(f"{name} needs the optional package(s) {', '.join(missing)}: pip install {' '.join(missing)}")
+            raise ValueError(
+                f"{name} needs the optional package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
+            )
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
             raise ValueError(f"{name!r} is not a diffusers scheduler; use 'pipeline' or one of: {known}")
         if cls not in compatible:
@@ -314,7 +317,8 @@ def run(
     denoiser = family.denoiser
     device = family.device
     height, width = recipe.height, recipe.width
-    assert height is not None and width is not None and recipe.guidance is not None
+    assert height is not None and width is not None and recipe.guidance is not None and recipe.scheduler is not None
+    guidance = recipe.guidance
     latent_size = family.latent_size(height, width)
     branches = plan_branches(recipe, family.tokenizer)
     places = family.places()
@@ -332,7 +336,7 @@ def run(
     scheduler.set_timesteps(recipe.steps, device=device)
     timesteps = scheduler.timesteps
     steps = len(timesteps)
-    guided = family.is_guided(recipe.guidance)
+    guided = family.is_guided(guidance)
     estimate_run(family, branches, steps, (height, width), guided, record, record_self, places).check(
         "use fewer steps, a smaller size or fewer targets (or record=False)"
     )
@@ -348,7 +352,9 @@ def run(
     if tuple(latents.shape) != expected:
         raise ValueError(f"latents must have shape {expected} for a {height}x{width} image, not {tuple(latents.shape)}")
     if not bool(torch.isfinite(latents).all()):
-        raise ValueError("the latents hold NaN or infinite values; give finite x_T (e.g. initial_noise(pipe, seed, h, w))")
+        raise ValueError(
+            "the latents hold NaN or infinite values; give finite x_T (e.g. initial_noise(pipe, seed, h, w))"
+        )
     count = len(branches)
 
     with torch.no_grad():
@@ -363,7 +369,9 @@ def run(
             if guide is not None and guide.unconditional is not None:
                 per_step = guide.unconditional.to(device, dtype)
         batch = Conditioning.cat([negative.repeat(count), conditional]) if negative is not None else conditional
-        trajectory = None if guide is None or guide.trajectory is None else guide.trajectory.to(device=device, dtype=dtype)
+        trajectory = (
+            None if guide is None or guide.trajectory is None else guide.trajectory.to(device=device, dtype=dtype)
+        )
         pin = guide is not None and guide.pin_source
         # 2. x_T shared by every branch (the paper: same seed for all), on the schedule set above.
         x = latents.to(device=device, dtype=dtype).expand(count, -1, -1, -1) * scheduler.init_noise_sigma
@@ -394,7 +402,7 @@ def run(
                     prediction = family.denoise(model_input, t, batch)
                 if guided:
                     unconditional_pred, text_pred = prediction.chunk(2)
-                    prediction = unconditional_pred + recipe.guidance * (text_pred - unconditional_pred)
+                    prediction = unconditional_pred + guidance * (text_pred - unconditional_pred)
                     if recipe.guidance_rescale > 0:
                         prediction = _rescale(prediction, text_pred, recipe.guidance_rescale)
                 controller.end_step()
@@ -477,7 +485,11 @@ def _not_finite(x: torch.Tensor, step: int, steps: int, recipe: Recipe, family: 
         causes.append(f"eta {recipe.eta:g}")
     if family.dtype == torch.float16:
         causes.append("float16 weights, which overflow where bfloat16 or float32 do not")
-    blame = "; likely cause: " + ", ".join(causes) if causes else "; no setting is out of the usual range: check the model's weights"
+    blame = (
+        "; likely cause: " + ", ".join(causes)
+        if causes
+        else "; no setting is out of the usual range: check the model's weights"
+    )
     return (
         f"the latents of {where} became non-finite (NaN or inf) at step {step + 1} of {steps}{blame}. "
         "Nothing was returned and the pipeline is unchanged; change that and run again"
@@ -560,5 +572,5 @@ def edit(pipe: Any, prompt: str, *targets: Target | str, **settings: Any) -> Res
             f"edit() got unknown setting(s) {', '.join(unknown)}; recipe settings: {', '.join(sorted(known))}; "
             f"run options: {', '.join(options)}"
         )
-    recipe = Recipe(prompt, tuple(targets), **settings)
+    recipe = Recipe(prompt, tuple(t if isinstance(t, Target) else Target.from_json(t) for t in targets), **settings)
     return run(pipe, recipe, **run_options)

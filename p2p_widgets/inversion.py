@@ -40,9 +40,10 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,7 +56,16 @@ from .engine import Cancelled, Guide, Progress, Result, check_steps, edit, estim
 from .families import Conditioning, Family, check_multiple, family_of
 from .memory import MemoryEstimate
 
-__all__ = ["Inversion", "invert", "restore_outside", "encode_image", "METHODS", "PreparedImage", "prepare_image", "MAX_PIXELS"]
+__all__ = [
+    "Inversion",
+    "invert",
+    "restore_outside",
+    "encode_image",
+    "METHODS",
+    "PreparedImage",
+    "prepare_image",
+    "MAX_PIXELS",
+]
 
 MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (decompression bombs)
 Fit = Literal["crop", "pad"]
@@ -143,7 +153,9 @@ def _read(source: str | os.PathLike, max_pixels: int, notes: list[str]) -> Image
     except Image.DecompressionBombError as error:
         raise ValueError(f"{shown} is too large to decode safely ({error}); resize it first") from None
     except _DECODE_ERRORS as error:
-        raise ValueError(f"cannot read {shown} as an image ({error}); use a PNG, JPEG, WebP, BMP or TIFF file") from None
+        raise ValueError(
+            f"cannot read {shown} as an image ({error}); use a PNG, JPEG, WebP, BMP or TIFF file"
+        ) from None
     try:
         _check_pixels(image.width, image.height, max_pixels, shown)
         first = _first_frame(image, notes, shown)
@@ -194,7 +206,8 @@ def _float_levels(pixels: np.ndarray, what: str, notes: list[str]) -> np.ndarray
     anything else is refused (one rule for float arrays and mode "F" images)."""
     if not np.isfinite(pixels).all():
         raise ValueError(
-            f"{what} holds NaN or infinite values; replace them (e.g. np.nan_to_num) and give values in [0, 1] or [0, 255]"
+            f"{what} holds NaN or infinite values; replace them (e.g. np.nan_to_num) "
+            "and give values in [0, 1] or [0, 255]"
         )
     low, high = float(pixels.min()), float(pixels.max())
     if low >= 0.0 and high <= 1.0:
@@ -208,7 +221,9 @@ def _float_levels(pixels: np.ndarray, what: str, notes: list[str]) -> np.ndarray
             if low >= -1.0 and high <= 1.0
             else "rescale it, e.g. (x - x.min()) / (x.max() - x.min()), or clip it"
         )
-        raise ValueError(f"{what} holds values in [{low:.4g}, {high:.4g}]; a float image is in [0, 1] or [0, 255]: {fix}")
+        raise ValueError(
+            f"{what} holds values in [{low:.4g}, {high:.4g}]; a float image is in [0, 1] or [0, 255]: {fix}"
+        )
     return np.round(pixels).clip(0, 255).astype(np.uint8)
 
 
@@ -368,12 +383,12 @@ def prepare_image(
                 # of resizing the whole image, then cropping).
                 across, down = scaled[1] / image.width, scaled[0] / image.height
                 box = (left / across, top / down, (left + width) / across, (top + height) / down)
-                image = image.resize((width, height), Image.LANCZOS, box=box)
+                image = image.resize((width, height), Image.Resampling.LANCZOS, box=box)
             else:
                 image = image.crop((left, top, left + width, top + height))
             change = f"centre-cropped to {width}x{height}" if scaled != (height, width) else ""
         else:
-            resized = image.resize((scaled[1], scaled[0]), Image.LANCZOS) if resizing else image
+            resized = image.resize((scaled[1], scaled[0]), Image.Resampling.LANCZOS) if resizing else image
             mean = tuple(int(v) for v in np.asarray(resized).reshape(-1, 3).mean(0).round())
             canvas = Image.new("RGB", (width, height), mean)
             canvas.paste(resized, ((width - scaled[1]) // 2, (height - scaled[0]) // 2))
@@ -389,7 +404,9 @@ def _size(size: Any, multiple: int, max_pixels: int = MAX_PIXELS) -> tuple[int, 
         raise ValueError(f"size is (height, width) in pixels, not {size!r}")
     for name, side in zip(("height", "width"), size):
         if not is_index(side):
-            raise ValueError(f"size is (height, width) in whole pixels, not {size!r}: the {name} is a {type(side).__name__}")
+            raise ValueError(
+                f"size is (height, width) in whole pixels, not {size!r}: the {name} is a {type(side).__name__}"
+            )
         if side < multiple:
             raise ValueError(
                 f"{name} {side} is too small: each side is at least {multiple} pixels (the VAE's downsampling "
@@ -458,7 +475,9 @@ class Inversion:
     @property
     def settings(self) -> dict[str, Any]:
         """The recipe settings every edit of this inversion must use."""
-        return dict(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler)
+        return dict(
+            steps=self.steps, guidance=self.guidance, height=self.height, width=self.width, scheduler=self.scheduler
+        )
 
     def check(self, recipe: Recipe) -> None:
         """Refuse a recipe (its defaults resolved) that would not edit the image as it was inverted.
@@ -486,7 +505,9 @@ class Inversion:
             )
         if problems:
             raise ValueError(
-                "this run does not match the inversion: " + "; ".join(problems) + " (inversion.edit(pipe, ...) sets them)"
+                "this run does not match the inversion: "
+                + "; ".join(problems)
+                + " (inversion.edit(pipe, ...) sets them)"
             )
 
     def guide(self, recipe: Recipe) -> Guide:
@@ -545,18 +566,20 @@ def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, predict
     raise ValueError(f"cannot invert a model predicting {prediction_type!r} (epsilon, v_prediction or sample)")
 
 
-_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list]]" = weakref.WeakKeyDictionary()
+_FROZEN: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[tuple[torch.nn.Parameter, bool]]]] = (
+    weakref.WeakKeyDictionary()
+)
 _FROZEN_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _frozen(module: torch.nn.Module):
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
     """No parameter of ``module`` requires gradients inside; the flags are restored after.
 
     Reference-counted per module: two inversions at once (two threads) freeze it once and
     the last to finish restores the flags as they were before the first."""
     with _FROZEN_LOCK:
-        count, flags = _FROZEN.get(module, (0, None))
+        count, flags = _FROZEN.get(module, (0, []))
         if count == 0:
             flags = [(p, p.requires_grad) for p in module.parameters()]
             for p, _ in flags:
@@ -650,12 +673,20 @@ def invert(
         raise TypeError(f"prompt is a string describing the image, not {type(prompt).__name__}")
     sampler = make_scheduler(pipe, scheduler)
     if type(sampler).__name__ != "DDIMScheduler":
-        raise ValueError(f"inversion reverses deterministic DDIM steps; use scheduler='DDIMScheduler', not {scheduler!r}")
+        raise ValueError(
+            f"inversion reverses deterministic DDIM steps; use scheduler='DDIMScheduler', not {scheduler!r}"
+        )
     factor = family.vae_factor
     prepared = prepare_image(image, size or family.default_size(), multiple=factor, fit=fit)
     height, width = prepared.image.height, prepared.image.width
     recipe = Recipe(
-        prompt, steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler, negative_prompt=negative_prompt
+        prompt,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        scheduler=scheduler,
+        negative_prompt=negative_prompt,
     )
     recipe = resolve(family, recipe)
     branches = plan_branches(recipe, family.tokenizer)  # the prompt, tokenised as the edits will be
@@ -680,7 +711,9 @@ def invert(
     found: tuple[torch.Tensor, torch.Tensor | None] | None = None
     inner: tuple[int, ...] = ()
     if method == "null-text" and family.is_guided(guidance):
-        found, inner = _null_text(family, trajectory, negative, conditional, sampler, timesteps, guidance, inner_steps, progress)
+        found, inner = _null_text(
+            family, trajectory, negative, conditional, sampler, timesteps, guidance, inner_steps, progress
+        )
     elif method == "null-text":
         notes.append("guidance 1: nothing to optimise, null-text is DDIM inversion here")
     return Inversion(
@@ -714,17 +747,29 @@ def _estimate(pipe: Any, branches: Any, method: str, steps: int, size: tuple[int
     parts["trajectory"] = (steps + 1) * latent * 2
     if method == "null-text":
         prompt = branches[0].prompt
-        parts["unconditional embeddings"] = steps * prompt.max_length * family.text_width * 4 * 3  # value, Adam's two moments
+        parts["unconditional embeddings"] = (
+            steps * prompt.max_length * family.text_width * 4 * 3
+        )  # value, Adam's two moments
         parts["activations for the gradient"] = 3 * parts["denoiser activations"]
     what = f"this inversion ({method}, {steps} steps, {size[0]}x{size[1]} pixels)"
-    return MemoryEstimate(what, family.device, tuple(parts.items()), (("trajectory (host copy)", (steps + 1) * latent),))
+    return MemoryEstimate(
+        what, family.device, tuple(parts.items()), (("trajectory (host copy)", (steps + 1) * latent),)
+    )
 
 
 def _alpha(sampler: Any, timestep: int) -> torch.Tensor:
     return sampler.alphas_cumprod[timestep] if timestep >= 0 else sampler.final_alpha_cumprod
 
 
-def _ddim_invert(family: Family, latent, conditional: Conditioning, sampler, timesteps, prediction_type, progress) -> torch.Tensor:
+def _ddim_invert(
+    family: Family,
+    latent: torch.Tensor,
+    conditional: Conditioning,
+    sampler: Any,
+    timesteps: torch.Tensor,
+    prediction_type: str,
+    progress: _Steps,
+) -> torch.Tensor:
     """x_0 -> x_T by DDIM steps in reverse at guidance 1: the model's noise estimate at the
     next timestep, taken on the current latent (the usual approximation)."""
     ratio = sampler.config.num_train_timesteps // sampler.num_inference_steps
@@ -743,7 +788,15 @@ def _ddim_invert(family: Family, latent, conditional: Conditioning, sampler, tim
 
 
 def _null_text(
-    family: Family, trajectory, negative: Conditioning, conditional: Conditioning, sampler, timesteps, guidance, inner_steps, progress
+    family: Family,
+    trajectory: torch.Tensor,
+    negative: Conditioning,
+    conditional: Conditioning,
+    sampler: Any,
+    timesteps: torch.Tensor,
+    guidance: float,
+    inner_steps: int,
+    progress: _Steps,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[int, ...]]:
     """Per sampling step, optimise the unconditional embedding (the hidden states of every
     text encoder, and the pooled embedding where the model has one) so that the guided DDIM
@@ -800,7 +853,9 @@ def _null_text(
     return (torch.stack(found_text), stacked_pooled), tuple(counts)
 
 
-def _prompt_fit(family: Family, latent, conditionings: tuple[Conditioning, Conditioning], sampler, prompt) -> str | None:
+def _prompt_fit(
+    family: Family, latent: torch.Tensor, conditionings: tuple[Conditioning, Conditioning], sampler: Any, prompt: str
+) -> str | None:
     """A warning when the prompt predicts the image's noise no better than no prompt does
     (a diffusion-classifier test at four noise levels, two noises each), else None."""
     generator = torch.Generator("cpu").manual_seed(0)
@@ -844,8 +899,8 @@ def restore_outside(result: Result, inversion: Inversion, feather: int = 1) -> t
     if feather:
         masks = torch.nn.functional.max_pool2d(masks, 2 * feather + 1, stride=1, padding=feather)
         masks = torch.nn.functional.avg_pool2d(masks, 3, stride=1, padding=1, count_include_pad=False)
-    weights = torch.nn.functional.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
-    weights = weights[:, 0].clamp(0, 1).numpy()[..., None]
+    upsampled = torch.nn.functional.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+    weights = upsampled[:, 0].clamp(0, 1).numpy()[..., None]  # (branches, height, width, 1)
     images = [inversion.image.image]
     for branch, image in enumerate(result.images[1:], start=1):
         if result.blend_masks[-1][branch].all():  # not blended

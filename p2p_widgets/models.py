@@ -12,14 +12,25 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["load_pipeline", "check_device", "model_name", "choose_model", "ModelChoice", "BUILT_IN", "SHAPES_WEIGHTS", "REAL_MODEL", "MODEL_VARIABLE"]
+__all__ = [
+    "load_pipeline",
+    "check_device",
+    "model_name",
+    "choose_model",
+    "ModelChoice",
+    "BUILT_IN",
+    "SHAPES_WEIGHTS",
+    "REAL_MODEL",
+    "MODEL_VARIABLE",
+]
 
 BUILT_IN = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}  # name -> p2p_widgets.testing kind
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
@@ -27,7 +38,9 @@ REAL_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_VARIABLE = "P2P_WIDGETS_MODEL"
 
 
-def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs: Any):
+def load_pipeline(
+    name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs: Any
+) -> Any:  # a diffusers pipeline; its class is the folder's own (diffusers' top-level names are Any here)
     """A pipeline (Stable Diffusion 1.x/2.x or SDXL) from a built-in name, a local folder or a hub id.
 
     Args:
@@ -59,9 +72,13 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         from .testing import tiny_pipeline, tiny_sdxl_pipeline
 
         kind = BUILT_IN[name]
-        pipe = tiny_sdxl_pipeline(dtype=dtype or torch.float32) if kind == "sdxl" else tiny_pipeline(kind, dtype=dtype or torch.float32)
+        pipe = (
+            tiny_sdxl_pipeline(dtype=dtype or torch.float32)
+            if kind == "sdxl"
+            else tiny_pipeline(kind, dtype=dtype or torch.float32)
+        )
     else:
-        options = {"safety_checker": None, "requires_safety_checker": False}
+        options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
         local = Path(name).expanduser().exists()
         if local:  # a folder: never ask the hub
             name = str(Path(name).expanduser())
@@ -72,7 +89,9 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
                     "written by pipe.save_pretrained(...), or a hub id"
                 )
         elif _looks_like_a_path(name):
-            raise FileNotFoundError(f"no such model folder: {name}; give an existing folder, a hub id, or a built-in name")
+            raise FileNotFoundError(
+                f"no such model folder: {name}; give an existing folder, a hub id, or a built-in name"
+            )
         options.update(kwargs)
         if dtype is not None:
             options["torch_dtype"] = dtype
@@ -95,7 +114,9 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
             except OSError as error:  # not cached and no network, no such repository, a broken folder
                 detail = " ".join(str(error).split())[:200]
                 if local:
-                    raise OSError(f"could not load the model folder {name}: it is incomplete or broken ({detail})") from None
+                    raise OSError(
+                        f"could not load the model folder {name}: it is incomplete or broken ({detail})"
+                    ) from None
                 raise OSError(
                     f"could not load the model {name}: it is not in the local Hugging Face cache and could not be "
                     f"downloaded (no network, or no such hub id); check the id and the network, or give a local "
@@ -146,7 +167,7 @@ def check_device(device: Any, *, what: str | None = None, fix: str = "use cpu") 
 
 
 def model_name(pipe: Any) -> str | None:
-    """"shapes" for the bundled model's pipeline, else the folder or hub id it was loaded
+    """ "shapes" for the bundled model's pipeline, else the folder or hub id it was loaded
     from (None for a pipeline built in memory)."""
     loaded_from = getattr(pipe, "name_or_path", None)
     if not loaded_from:
@@ -170,7 +191,10 @@ def _quiet(local: bool) -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    saved = [
+        (module, module.get_verbosity(), module.is_progress_bar_enabled())
+        for module in (diffusers_logging, transformers_logging)
+    ]
     try:
         for module, _, _ in saved:
             module.set_verbosity_error()
@@ -197,7 +221,7 @@ class ModelChoice:
         """True for the bundled shapes model (its prompts follow the shapes grammar)."""
         return self.name == "shapes"
 
-    def load(self):
+    def load(self) -> Any:  # a diffusers pipeline, as load_pipeline returns
         """The pipeline, loaded with :func:`load_pipeline`."""
         return load_pipeline(self.name, device=self.device, dtype=self.dtype)
 

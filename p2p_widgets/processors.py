@@ -8,10 +8,12 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
   Injection is then ``sdpa(Q_parent, K_parent, V_target)``, identical to replacing
   the target's attention probabilities by the parent's, without materialising them.
 * cross-attention: from which batch row on the probabilities are needed (``None``:
-  none, at a step with nothing to record or edit: SDPA). The probabilities are then
-  computed explicitly (fp32 softmax; cross-attention has few keys) and those rows are
-  given to the controller, which records and edits them, and so are their values (value
-  injection); the other rows (the unconditional half) are left as they are.
+  none, at a step with nothing to record or edit). Those rows' probabilities are computed
+  explicitly (fp32 softmax) and given to the controller, which records them and edits
+  the targets' rows in place, and so are their values (value injection). Every row's
+  output is first SDPA's, as the stock processor computes it; the targets' rows are then
+  replaced by their edited probabilities times their values, so the unconditional half
+  and the source never depend on the targets.
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
@@ -31,8 +33,9 @@ import contextlib
 import contextvars
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +68,17 @@ class AttentionHandler(Protocol):
     """What a run's controller answers the processors (see the module docstring).
 
     ``cross_probabilities`` and ``cross_values`` return the tensor they were given when
-    nothing changes, and may edit it in place; ``record_self`` is called only when
-    ``records_self`` is true.
+    nothing changes, and may edit it in place; when ``edits_cross`` is false at a layer
+    they are only observed (recorded), and the output is SDPA's; ``record_self`` is called
+    only when ``records_self`` is true.
     """
 
-    records_self: bool
+    @property
+    def records_self(self) -> bool: ...
 
     def explicit_rows(self, place: LayerPlace) -> int | None: ...
+
+    def edits_cross(self, place: LayerPlace) -> bool: ...
 
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
 
@@ -120,7 +127,9 @@ def find_places(unet: torch.nn.Module) -> dict[str, LayerPlace]:
 
 
 # The handler whose run is calling the UNet in this thread (or task), if any.
-_ACTIVE: contextvars.ContextVar[AttentionHandler | None] = contextvars.ContextVar("p2p_widgets_active_run", default=None)
+_ACTIVE: contextvars.ContextVar[AttentionHandler | None] = contextvars.ContextVar(
+    "p2p_widgets_active_run", default=None
+)
 
 
 @contextlib.contextmanager
@@ -155,13 +164,13 @@ class P2PAttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Any,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         handler = self.handler
         if handler is None:
@@ -170,7 +179,16 @@ class P2PAttnProcessor:
                 return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
         return self._attend(handler, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs) -> torch.Tensor:
+    def _original(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         if args:  # called positionally beyond temb: pass on the same way
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         # diffusers' Attention passes everything but hidden_states by keyword; so do we
@@ -180,11 +198,20 @@ class P2PAttnProcessor:
             attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
         )
 
-    def _attend(self, handler, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+    def _attend(
+        self,
+        handler: AttentionHandler,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        channels = height = width = 0
         if input_ndim == 4:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
@@ -215,23 +242,22 @@ class P2PAttnProcessor:
 
         first = handler.explicit_rows(self.place) if self.place.is_cross else None
         if first is not None:
-            # Explicit probabilities (batch, heads, pixels, tokens), fp32 softmax, for every
-            # row in one product (cross-attention has few keys: cheaper than splitting off
-            # the unconditional half for SDPA); the handler sees the rows from ``first`` on
-            # and may edit them in place. The scale goes on the keys: the smallest operand.
-            scores = torch.matmul(query, (key * attn.scale).transpose(-1, -2))
+            # The output of every row is SDPA's, as the stock processor's: the unconditional
+            # half and the source never depend on what the targets do. The conditional rows'
+            # probabilities (batch, heads, pixels, tokens) are computed explicitly (fp32
+            # softmax; the scale goes on the keys, the smallest operand) for the controller,
+            # which records them and edits the targets' rows in place; the targets' outputs
+            # are then their edited probabilities times their (possibly injected) values.
+            scores = torch.matmul(query[first:], (key[first:] * attn.scale).transpose(-1, -2))
             if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            conditional = probs[first:] if first else probs
-            edited = handler.cross_probabilities(self.place, conditional)
-            if edited is not conditional:
-                probs = torch.cat([probs[:first], edited]) if first else edited
-            own = value[first:] if first else value
-            values = handler.cross_values(self.place, own)
-            if values is not own:
-                value = torch.cat([value[:first], values]) if first else values
-            hidden_states = torch.matmul(probs.to(value.dtype), value)
+                scores = scores + attention_mask[first:]
+            probs = handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+            if handler.edits_cross(self.place):
+                values = handler.cross_values(self.place, value[first:])
+                hidden_states[first + 1 :] = torch.matmul(probs[1:].to(value.dtype), values[1:])
         elif self.place.is_cross:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
@@ -265,7 +291,7 @@ class _Installed:
     handlers: set = field(default_factory=set)
 
 
-_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, _Installed]" = weakref.WeakKeyDictionary()
+_INSTALLED: weakref.WeakKeyDictionary[torch.nn.Module, _Installed] = weakref.WeakKeyDictionary()
 _INSTALL_LOCK = threading.Lock()  # check-and-install and restore are one step per UNet
 
 
@@ -279,7 +305,7 @@ def attached(unet: torch.nn.Module, handler: AttentionHandler, places: dict[str,
     last one ends, on layers that still hold the installed processor (a processor the user
     set meanwhile is left alone).
     """
-    modules = {name: module for name, module in unet.named_modules() if name in places}
+    modules: dict[str, Any] = {name: unet.get_submodule(name) for name in places}
     with _INSTALL_LOCK:
         installed = _INSTALLED.get(unet)
         if installed is None:
@@ -311,7 +337,7 @@ def attached(unet: torch.nn.Module, handler: AttentionHandler, places: dict[str,
                 _INSTALLED.pop(unet, None)
 
 
-def _restore(modules: dict[str, torch.nn.Module], installed: _Installed) -> None:
+def _restore(modules: dict[str, Any], installed: _Installed) -> None:
     for name, module in modules.items():
         current = module.get_processor()
         if isinstance(current, P2PAttnProcessor) and current.handlers is installed.handlers:

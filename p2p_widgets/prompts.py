@@ -34,9 +34,12 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = [
     "Word",
@@ -117,9 +120,7 @@ class Prompt:
             if wanted and lowered[i : i + len(wanted)] == wanted:
                 found.extend(self.words[i : i + len(wanted)])
         if not found:
-            raise ValueError(
-                f"{word!r} is not in {self.text!r}; its words are: {', '.join(self.word_texts)}"
-            )
+            raise ValueError(f"{word!r} is not in {self.text!r}; its words are: {', '.join(self.word_texts)}")
         return tuple(dict.fromkeys(found))
 
     def token_indices(self, word: str | int) -> tuple[int, ...]:
@@ -135,7 +136,7 @@ class Prompt:
         return tuple(owner)
 
 
-def tokenize(tokenizer, text: str) -> Prompt:
+def tokenize(tokenizer: Any, text: str) -> Prompt:
     """Tokenise ``text`` as the pipeline does (padded to the encoder's length).
 
     Safe to call from several threads on one tokenizer, also while other code calls the
@@ -178,11 +179,13 @@ def _shortened(text: str, limit: int = 200) -> str:
 # Fast tokenizers keep padding and truncation settings in their Rust backend, and every call
 # with other settings rewrites them: two threads interfere. Each fast tokenizer gets a private
 # copy of its backend here, configured once without padding or truncation.
-_PRIVATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Tokenizers are typed Any here: any transformers tokenizer (fast or slow) or one built like
+# them (``model_max_length``, special token ids, ``__call__``) will do.
+_PRIVATE: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
 _PRIVATE_LOCK = threading.Lock()
 
 
-def _private_backend(tokenizer):
+def _private_backend(tokenizer: Any) -> Tokenizer | None:
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
         return None
@@ -196,7 +199,7 @@ def _private_backend(tokenizer):
     return private
 
 
-def _copy_backend(backend):
+def _copy_backend(backend: Tokenizer) -> Tokenizer:
     from tokenizers import Tokenizer
 
     private = Tokenizer.from_str(backend.to_str())
@@ -205,13 +208,13 @@ def _copy_backend(backend):
     return private
 
 
-def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
     """Token ids of ``text`` without special tokens, and their character offsets (None for
     tokenizers without offsets), independent of the tokenizer's padding state."""
     private = _private_backend(tokenizer)
     if private is not None:
         encoding = private.encode(text, add_special_tokens=False)
-        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+        return list(encoding.ids), [(start, end) for start, end in encoding.offsets]
     try:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
@@ -220,7 +223,7 @@ def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] 
 
 
 def _owners(
-    tokenizer, text: str, spans: list[tuple[int, int]], ids: list[int], offsets: list[tuple[int, int]] | None
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], ids: list[int], offsets: list[tuple[int, int]] | None
 ) -> list[int]:
     """For every token of ``ids``, the index of the word span it came from."""
     if offsets is not None:
@@ -307,9 +310,7 @@ def align(parent: Prompt, target: Prompt, kind: Kind | Literal["auto"] = "auto")
     return Alignment(kind=kind, matrix=matrix, mapped=mapped)
 
 
-def _common_words(
-    parent: tuple[Word, ...], target: tuple[Word, ...]
-) -> list[tuple[Word, Word]]:
+def _common_words(parent: tuple[Word, ...], target: tuple[Word, ...]) -> list[tuple[Word, Word]]:
     """Pairs of equal words (case-insensitive) in a longest common subsequence."""
     a = [w.text.lower() for w in parent]
     b = [w.text.lower() for w in target]

@@ -353,13 +353,15 @@ class Heatmaps:
         tokens = self.prompt.length
         factors = record.factors if factor is None else (factor,)
         size = record.latent_size if factor is None else record.map_size(factor)
-        total = None
+        total: torch.Tensor | None = None
         for f in factors:
             maps = record.maps[f][:, branch, :, :, :tokens].float().permute(0, 3, 1, 2)  # (steps, tokens, h, w)
             if tuple(maps.shape[-2:]) != tuple(size):
                 maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
             weighted = maps * (record.layers[f] if factor is None else 1)
             total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError("this record holds no cross-attention maps (no resolution was recorded)")
         weight = sum(record.layers[f] for f in factors) if factor is None else 1
         self.per_step = (total / weight).numpy()  # (steps, tokens, h, w)
 
@@ -370,7 +372,8 @@ class Heatmaps:
     @property
     def size(self) -> tuple[int, int]:
         """(height, width) of every map."""
-        return tuple(self.per_step.shape[-2:])  # type: ignore[return-value]
+        height, width = self.per_step.shape[-2:]
+        return height, width
 
     def token_maps(self, tokens: list[int] | tuple[int, ...], steps: StepsLike = None) -> np.ndarray:
         """Maps of token positions, averaged over ``steps``: (len(tokens), h, w) float32."""
@@ -429,12 +432,12 @@ class Heatmaps:
         end-of-text only if ``special``. A word split into several tokens labels them
         ``word[1/2]``, ``word[2/2]``."""
         if tokens is None:
-            tokens = range(0 if special else 1, self.prompt.length if special else self.prompt.eos)
-        tokens = list(tokens)
-        if not tokens:
+            tokens = tuple(range(0 if special else 1, self.prompt.length if special else self.prompt.eos))
+        chosen = list(tokens)
+        if not chosen:
             raise ValueError("no token chosen; pass token positions, or None for every token")
-        maps = self.token_maps(tokens, steps)
-        return Maps(tuple(self.token_label(t) for t in tokens), _normalize(maps, normalize))
+        maps = self.token_maps(chosen, steps)
+        return Maps(tuple(self.token_label(t) for t in chosen), _normalize(maps, normalize))
 
     def token_label(self, position: int) -> str:
         """A readable name for a token position."""

@@ -25,8 +25,12 @@ def test_specs_round_trip_through_json():
     recipe = Recipe(
         "a cat riding a bicycle",
         (
-            Target("a dog riding a bicycle", cross={"default_": 0.8, "dog": (0.1, 0.3)}, self_attn=(0.0, 0.5),
-                   blend=LocalBlend(("dog",), parent_words=("cat",), threshold=0.4, dilation=2, start=0.2)),
+            Target(
+                "a dog riding a bicycle",
+                cross={"default_": 0.8, "dog": (0.1, 0.3)},
+                self_attn=(0.0, 0.5),
+                blend=LocalBlend(("dog",), parent_words=("cat",), threshold=0.4, dilation=2, start=0.2),
+            ),
             Target("a fluffy cat riding a bicycle", kind="refine", reweight={"fluffy": -1.5}, reweight_window=0.5),
             Target("a cat riding a bicycle", parent=1, preserve=("cat",)),
         ),
@@ -100,12 +104,25 @@ def test_bad_specs_raise_clear_errors(make, error, message):
 @pytest.mark.parametrize(
     "prompt, targets, settings, message",
     [
-        ("a cat riding a bicycle", [Target("a dog riding a red bicycle", kind="swap")], {},
-         "same number of words.*kind='refine'"),
-        ("a cat riding a bicycle", [Target("a cat riding a bicycle", reweight={"lion": 2.0})], {},
-         "target 1.*'lion' is not in 'a cat riding a bicycle'; its words are: a, cat, riding, a, bicycle"),
+        (
+            "a cat riding a bicycle",
+            [Target("a dog riding a red bicycle", kind="swap")],
+            {},
+            "same number of words.*kind='refine'",
+        ),
+        (
+            "a cat riding a bicycle",
+            [Target("a cat riding a bicycle", reweight={"lion": 2.0})],
+            {},
+            "target 1.*'lion' is not in 'a cat riding a bicycle'; its words are: a, cat, riding, a, bicycle",
+        ),
         ("a cat", [Target("a dog", blend=LocalBlend(("cat",)))], {}, "'cat' is not in 'a dog'"),
-        ("a cat", [Target("a dog", blend=LocalBlend(("dog",), parent_words=("bird",)))], {}, "'bird' is not in 'a cat'"),
+        (
+            "a cat",
+            [Target("a dog", blend=LocalBlend(("dog",), parent_words=("bird",)))],
+            {},
+            "'bird' is not in 'a cat'",
+        ),
         ("a cat", [Target("a dog", preserve=("tree",))], {}, "'tree' is not in 'a dog'"),
         ("a cat", [Target("a dog", cross={"default_": 0.5, "fish": 0.2})], {}, "'fish' is not in"),
         (" ".join(["cat"] * 80), [], {}, "source prompt: .*shorten it by 5 tokens"),
@@ -170,5 +187,5 @@ def test_errors_name_the_prompt_at_fault(sd1):
 
 
 def test_unknown_settings_list_the_known_ones(sd1):
-    with pytest.raises(TypeError, match="unknown setting.*stepz.*recipe settings:.*steps.*run options:.*callback"):
+    with pytest.raises(TypeError, match=r"unknown setting.*stepz.*recipe settings:.*steps.*run options:.*callback"):
         edit(sd1, "a cat", stepz=3)

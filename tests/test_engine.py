@@ -119,7 +119,9 @@ def test_reweighting_changes_the_target_and_scales_its_maps(sd1):
 
 
 def test_without_injection_a_target_is_an_independent_generation(sd1):
-    result = edit(sd1, "a cat riding a bicycle", Target("a dog riding a bicycle", cross=0.0, self_attn=0.0), steps=STEPS)
+    result = edit(
+        sd1, "a cat riding a bicycle", Target("a dog riding a bicycle", cross=0.0, self_attn=0.0), steps=STEPS
+    )
     alone = edit(sd1, "a dog riding a bicycle", steps=STEPS)
     torch.testing.assert_close(result.latents[1], alone.latents[0], **TIGHT)
 
@@ -343,7 +345,9 @@ def test_self_attention_is_recorded_on_request(sd1):
 
 
 def test_recording_off_still_edits_and_blends(sd1):
-    target = Target("a dog riding a bicycle", reweight={"dog": 2.0}, blend=LocalBlend(("dog",), threshold=0.95, dilation=0))
+    target = Target(
+        "a dog riding a bicycle", reweight={"dog": 2.0}, blend=LocalBlend(("dog",), threshold=0.95, dilation=0)
+    )
     on = edit(sd1, "a cat riding a bicycle", target, steps=STEPS)
     off = edit(sd1, "a cat riding a bicycle", target, steps=STEPS, record=False)
     assert off.attention is None and on.attention is not None

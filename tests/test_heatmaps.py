@@ -54,7 +54,14 @@ def test_a_words_map_is_the_mean_of_its_tokens(tokenizer):
 
 @pytest.mark.parametrize(
     "steps, chosen",
-    [(2, [2]), (-1, [5]), ((1, 4), [1, 2, 3]), ((4, 99), [4, 5]), (slice(None, None, 2), [0, 2, 4]), (None, [0, 1, 2, 3, 4, 5])],
+    [
+        (2, [2]),
+        (-1, [5]),
+        ((1, 4), [1, 2, 3]),
+        ((4, 99), [4, 5]),
+        (slice(None, None, 2), [0, 2, 4]),
+        (None, [0, 1, 2, 3, 4, 5]),
+    ],
 )
 def test_step_selections_average_the_right_steps(tokenizer, steps, chosen):
     # every pixel of every token holds the step index at step s
@@ -67,7 +74,7 @@ def test_step_selections_average_the_right_steps(tokenizer, steps, chosen):
 @pytest.mark.parametrize("steps", [(3, 3), (7, 9), 6, -7, slice(4, 2)])
 def test_step_selections_that_select_nothing_are_refused(tokenizer, steps):
     record = make_record(tokenizer, steps=6)
-    with pytest.raises(ValueError, match="steps 0..5"):
+    with pytest.raises(ValueError, match=r"steps 0\.\.5"):
         record.word_map(0, "cat", steps=steps)
 
 
@@ -88,7 +95,9 @@ def test_bad_step_types_are_refused(tokenizer):
 def test_aggregation_across_resolutions_weights_every_layer_once(tokenizer, latent, layers):
     # each resolution holds one constant per step: the aggregate is the layer-weighted mean
     value = {1: 0.1, 2: 0.4, 4: 0.7, 8: 1.0}
-    record = make_record(tokenizer, latent=latent, layers=layers, fill=lambda f, s, h, w, t: torch.full((h, w, t), value[f]))
+    record = make_record(
+        tokenizer, latent=latent, layers=layers, fill=lambda f, s, h, w, t: torch.full((h, w, t), value[f])
+    )
     expected = sum(value[f] * n for f, n in layers.items()) / sum(layers.values())
     aggregated = record.word_map(0, "bicycle")
     assert aggregated.shape == latent
@@ -180,9 +189,9 @@ def test_tokens_include_start_and_end_on_request(tokenizer):
 
 def test_words_not_in_the_prompt_are_named_with_the_prompts_words(tokenizer):
     record = make_record(tokenizer)
-    with pytest.raises(ValueError, match="'lion' is not in .*a, cat, riding, a, bicycle"):
+    with pytest.raises(ValueError, match=r"'lion' is not in .*a, cat, riding, a, bicycle"):
         record.heatmaps(0).words(["cat", "lion"])
-    with pytest.raises(ValueError, match="branches 0..0"):
+    with pytest.raises(ValueError, match=r"branches 0\.\.0"):
         record.heatmaps(1)
     with pytest.raises(ValueError, match="recorded factors: 1, 2"):
         record.heatmaps(0, factor=8)
@@ -207,7 +216,9 @@ def test_self_attention_components_separate_two_regions(tokenizer):
     components = record.self_components(0, count=3)
     assert components.shape == (3, 8, 8)
     first = components[0]
-    assert (first[:, :4] > 0).all() and (first[:, 4:] < 0).all() or (first[:, :4] < 0).all() and (first[:, 4:] > 0).all()
+    assert ((first[:, :4] > 0).all() and (first[:, 4:] < 0).all()) or (
+        (first[:, :4] < 0).all() and (first[:, 4:] > 0).all()
+    )
     flat = components.reshape(3, -1)
     np.testing.assert_allclose(np.linalg.norm(flat, axis=1), 1.0, rtol=1e-4)
 
@@ -218,5 +229,5 @@ def test_self_attention_components_need_recording(sd1, tokenizer):
     result = edit(sd1, "a cat", "a dog", steps=3, record_self=(1, 2))
     components = result.attention.self_components(1, count=4)
     assert components.shape == (4, 8, 8) and np.isfinite(components).all()
-    with pytest.raises(ValueError, match="1..64"):
+    with pytest.raises(ValueError, match=r"1\.\.64"):
         result.attention.self_components(0, count=65)

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import processors_of
 from p2p_widgets import Cancelled, LocalBlend, Target, edit
 from p2p_widgets.inversion import METHODS, Inversion, _epsilon, invert, restore_outside
 from p2p_widgets.shapes import ObjectWords, SceneWords, caption, centroid, classify_shape, place, render
 from p2p_widgets.shapes.evaluate import dilate, find_object
 from p2p_widgets.testing import tiny_pipeline
-
-from conftest import processors_of
 
 RED_SQUARE = "a red square"
 
@@ -113,8 +112,12 @@ def test_local_blend_restores_the_original_outside_the_mask(calm_sd1):
     assert not torch.allclose(result.latents[0][:, outside], inverted.trajectory[0][:, outside], atol=1e-3)
     # in pixels: the original exactly outside the (feathered) mask, the edit inside
     images = restore_outside(result, inverted, feather=0)
-    original, edited, restored = (np.asarray(i).astype(int) for i in (inverted.image.image, result.images[1], images[1]))
-    pixels = torch.nn.functional.interpolate(mask[None, None].float(), size=original.shape[:2], mode="bilinear")[0, 0].numpy()
+    original, edited, restored = (
+        np.asarray(i).astype(int) for i in (inverted.image.image, result.images[1], images[1])
+    )
+    pixels = torch.nn.functional.interpolate(mask[None, None].float(), size=original.shape[:2], mode="bilinear")[
+        0, 0
+    ].numpy()
     assert np.array_equal(restored[pixels == 0], original[pixels == 0])
     assert np.array_equal(restored[pixels == 1], edited[pixels == 1])
     assert images[0] is inverted.image.image
@@ -130,7 +133,9 @@ def test_null_text_never_computes_unet_weight_gradients(calm_sd1):
         seen.append((progress.stage, all(p.grad is None and not p.requires_grad for p in unet.parameters())))
 
     try:
-        null = quiet_invert(calm_sd1, picture(), RED_SQUARE, "null-text", steps=3, guidance=7.5, inner_steps=2, callback=look)
+        null = quiet_invert(
+            calm_sd1, picture(), RED_SQUARE, "null-text", steps=3, guidance=7.5, inner_steps=2, callback=look
+        )
         assert null.unconditional.shape == (3, 77, 32) and len(null.inner_steps) == 3
         assert all(p.requires_grad for p in unet.parameters())  # restored
         assert all(p.grad is None for p in unet.parameters())
@@ -159,7 +164,15 @@ def test_cancel_stops_and_restores_the_pipeline(calm_sd1):
 
     with pytest.raises(Cancelled, match="inversion cancelled at step 5 of 8"):
         quiet_invert(
-            calm_sd1, picture(), RED_SQUARE, "null-text", steps=4, guidance=7.5, inner_steps=2, callback=stop_in_the_optimisation, cancel=cancel
+            calm_sd1,
+            picture(),
+            RED_SQUARE,
+            "null-text",
+            steps=4,
+            guidance=7.5,
+            inner_steps=2,
+            callback=stop_in_the_optimisation,
+            cancel=cancel,
         )
     after = (processors_of(calm_sd1), [p.requires_grad for p in unet.parameters()], dict(calm_sd1.scheduler.config))
     assert after == before
@@ -172,7 +185,7 @@ def test_runs_that_do_not_match_the_inversion_are_refused(calm_sd1):
         inverted.edit(calm_sd1, "a blue square", steps=10)
     with pytest.raises(ValueError, match="source prompt must be the inverted one"):
         edit(calm_sd1, "a green square", "a blue square", steps=3, guidance=7.5, guide=inverted)
-    with pytest.raises(ValueError, match="guidance must be 7.5: the null-text embeddings were optimised for it"):
+    with pytest.raises(ValueError, match=r"guidance must be 7\.5: the null-text embeddings were optimised for it"):
         edit(calm_sd1, RED_SQUARE, steps=3, guidance=5.0, guide=inverted)
     with pytest.raises(ValueError, match="eta must be 0"):
         inverted.edit(calm_sd1, eta=0.5)
@@ -180,7 +193,7 @@ def test_runs_that_do_not_match_the_inversion_are_refused(calm_sd1):
         inverted.edit(calm_sd1, latents=inverted.latents)
     with pytest.raises(ValueError, match="latents or a guide, not both"):
         edit(calm_sd1, RED_SQUARE, steps=3, guidance=7.5, guide=inverted, latents=inverted.latents)
-    with pytest.raises(TypeError, match="guide is a Guide or what p2p_widgets.invert"):
+    with pytest.raises(TypeError, match=r"guide is a Guide or what p2p_widgets\.invert"):
         edit(calm_sd1, RED_SQUARE, steps=3, guide="cat.png")
 
 
@@ -205,7 +218,7 @@ def test_bad_settings_are_refused_before_any_work(calm_sd1, kwargs, message):
 def test_bad_images_are_refused_with_the_fix(calm_sd1, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot read .*broken.png as an image"):
+    with pytest.raises(ValueError, match=r"cannot read .*broken\.png as an image"):
         invert(calm_sd1, broken, RED_SQUARE, "ddim")
     with pytest.raises(FileNotFoundError, match="no such image file"):
         invert(calm_sd1, tmp_path / "missing.png", RED_SQUARE, "ddim")

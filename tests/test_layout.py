@@ -66,7 +66,7 @@ def test_module_level_imports_have_no_cycle():
         path.append(node)
         for child in sorted(graph[node]):
             if state.get(child) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(child) :] + [child]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(child) :], child]))
             if child not in state:
                 visit(child)
         path.pop()
@@ -79,11 +79,26 @@ def test_module_level_imports_have_no_cycle():
 
 def test_the_engine_and_the_families_know_no_inversion_and_no_pipeline_class():
     known = modules()
-    for name in ("p2p_widgets.engine", "p2p_widgets.families.base", "p2p_widgets.families.sd", "p2p_widgets.families.sdxl"):
+    for name in (
+        "p2p_widgets.engine",
+        "p2p_widgets.families.base",
+        "p2p_widgets.families.sd",
+        "p2p_widgets.families.sdxl",
+    ):
         used = imports(name, known[name], anywhere=True)
-        assert not any(m.startswith(("p2p_widgets.inversion", "p2p_widgets.study", "p2p_widgets.panel")) for m in used), (name, used)
+        assert not any(
+            m.startswith(("p2p_widgets.inversion", "p2p_widgets.study", "p2p_widgets.panel")) for m in used
+        ), (name, used)
     used = code_words(known["p2p_widgets.engine"])
-    for word in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "unet", "text_encoder", "null-text", "negative-prompt", "direct"):
+    for word in (
+        "StableDiffusionPipeline",
+        "StableDiffusionXLPipeline",
+        "unet",
+        "text_encoder",
+        "null-text",
+        "negative-prompt",
+        "direct",
+    ):
         assert word not in used, word
 
 

@@ -24,7 +24,7 @@ def test_a_saved_folder_loads_offline_through_from_pretrained(sd1, tmp_path, mon
 
 def test_missing_shapes_weights_say_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "SHAPES_WEIGHTS", tmp_path / "weights")
-    with pytest.raises(FileNotFoundError, match="python -m p2p_widgets.shapes.train --out"):
+    with pytest.raises(FileNotFoundError, match=r"python -m p2p_widgets\.shapes\.train --out"):
         load_pipeline("shapes")
 
 
@@ -71,7 +71,9 @@ def test_loading_a_folder_is_quiet_and_leaves_logging_as_it_was(sd1, tmp_path, c
     capfd.readouterr()
     load_pipeline(str(tmp_path))
     assert "Loading" not in capfd.readouterr().err  # no progress bars
-    assert [(m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)] == before
+    assert [
+        (m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)
+    ] == before
 
 
 @pytest.mark.parametrize(
@@ -95,5 +97,5 @@ def test_a_model_that_cannot_be_loaded_is_refused_by_name(monkeypatch, name, opt
 
 def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(ValueError, match="no model_index.json"):
+    with pytest.raises(ValueError, match=r"no model_index\.json"):
         load_pipeline(str(tmp_path))

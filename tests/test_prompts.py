@@ -42,7 +42,7 @@ def test_phrases_select_consecutive_words(tokenizer):
 
 def test_absent_word_lists_the_prompt_words(tokenizer):
     prompt = tokenize(tokenizer, "a cat riding a bicycle")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="'lion' is not in 'a cat riding a bicycle'") as error:
         prompt.find("lion")
     assert "'lion' is not in 'a cat riding a bicycle'" in str(error.value)
     assert "a, cat, riding, a, bicycle" in str(error.value)
@@ -90,7 +90,7 @@ def test_swap_maps_words_by_position_and_keeps_trailing_tokens_aligned(tokenizer
 def test_swap_with_different_word_counts_suggests_refinement(tokenizer):
     source = tokenize(tokenizer, "a cat riding a bicycle")
     target = tokenize(tokenizer, "a cat riding a red bicycle")
-    with pytest.raises(ValueError, match="same number of words.*refine"):
+    with pytest.raises(ValueError, match=r"same number of words.*refine"):
         align(source, target, "swap")
 
 

@@ -24,7 +24,11 @@ def tok():
 
 def test_public_api():
     assert set(tiny.__all__) == {
-        "MULTI_TOKEN_WORDS", "TINY_WORDS", "tiny_pipeline", "tiny_sdxl_pipeline", "tiny_tokenizer",
+        "MULTI_TOKEN_WORDS",
+        "TINY_WORDS",
+        "tiny_pipeline",
+        "tiny_sdxl_pipeline",
+        "tiny_tokenizer",
     }
     assert 50 <= len(TINY_WORDS) <= 80
     assert len(set(TINY_WORDS)) == len(TINY_WORDS)
@@ -345,7 +349,8 @@ def test_sdxl_tokenizer_2_reads_exclamation_marks_as_pad(xl):
 def test_sdxl_text_encoders(xl):
     one, two = xl.text_encoder.config, xl.text_encoder_2.config
     assert (type(xl.text_encoder).__name__, type(xl.text_encoder_2).__name__) == (
-        "CLIPTextModel", "CLIPTextModelWithProjection",
+        "CLIPTextModel",
+        "CLIPTextModelWithProjection",
     )
     assert (one.hidden_act, two.hidden_act) == ("quick_gelu", "gelu")
     assert one.num_hidden_layers >= 2 and two.num_hidden_layers >= 2  # SDXL reads hidden_states[-2]
@@ -455,8 +460,12 @@ def test_sdxl_same_seed_same_weights_other_seed_differs(xl):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Every component is reseeded (key names only by suffix: transformers 5 drops "text_model.").
-    for prefix, suffix in (("unet.", "conv_in.weight"), ("text_encoder.", "token_embedding.weight"),
-                           ("text_encoder_2.", "text_projection.weight"), ("vae.", "decoder.conv_out.weight")):
+    for prefix, suffix in (
+        ("unet.", "conv_in.weight"),
+        ("text_encoder.", "token_embedding.weight"),
+        ("text_encoder_2.", "text_projection.weight"),
+        ("vae.", "decoder.conv_out.weight"),
+    ):
         (name,) = (k for k in a if k.startswith(prefix) and k.endswith(suffix))
         assert not torch.equal(a[name], c[name]), name
 

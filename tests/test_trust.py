@@ -36,7 +36,7 @@ def scheduler_state(pipe):
     return type(pipe.scheduler), dict(pipe.scheduler.config)
 
 
-@pytest.fixture()
+@pytest.fixture
 def earlier(sd1):
     """A result made before the hostile call, and a copy of its pixels and latents."""
     result = edit(sd1, "a red cat", "a blue cat", steps=2, seed=1)
@@ -97,7 +97,9 @@ def test_a_stock_call_during_a_run_is_untouched_and_does_not_touch_the_run(sd1):
     assert all(np.array_equal(a, b) for a, b in zip(pixels(solo.images), pixels(result.images)))
     for factor, maps in solo.attention.maps.items():
         assert torch.equal(maps, result.attention.maps[factor])  # the record is the run's own
-    assert all(isinstance(p, type(next(iter(sd1.unet.attn_processors.values())))) for p in sd1.unet.attn_processors.values())
+    assert all(
+        isinstance(p, type(next(iter(sd1.unet.attn_processors.values())))) for p in sd1.unet.attn_processors.values()
+    )
 
 
 def test_an_inversion_during_a_run_is_the_same_as_alone(sd1):
@@ -110,7 +112,11 @@ def test_an_inversion_during_a_run_is_the_same_as_alone(sd1):
 
 
 def test_racing_edits_on_one_pipeline_each_get_their_own_images(sd1):
-    jobs = [("a red cat", "a blue cat"), ("a dog riding a horse", "a cat riding a horse"), ("a big tree", "a small tree")]
+    jobs = [
+        ("a red cat", "a blue cat"),
+        ("a dog riding a horse", "a cat riding a horse"),
+        ("a big tree", "a small tree"),
+    ]
     solo = [pixels(edit(sd1, *job, steps=3).images) for job in jobs]
     before = processors_of(sd1)
     barrier = threading.Barrier(len(jobs))
@@ -211,7 +217,9 @@ def test_a_scheduler_built_without_steps_offset_samples_the_pipelines_timesteps(
 
 
 def test_another_scheduler_class_takes_its_own_defaults_but_the_patched_keys(sd1):
-    pipe = users_pipeline(sd1, diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    pipe = users_pipeline(
+        sd1, diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    )
     euler = make_scheduler(pipe, "EulerDiscreteScheduler")
     assert euler.config.steps_offset == 1
     assert euler.config.beta_schedule == "scaled_linear"
@@ -436,7 +444,7 @@ def test_bad_run_options_are_refused_before_the_pipeline_is_touched(sd1, earlier
 
 def test_a_scheduler_that_needs_a_missing_package_says_which(sd1, monkeypatch):
     class Dummy:  # what diffusers exports for a scheduler whose optional package is missing
-        _backends = ["torch", "torchsde"]
+        _backends = ("torch", "torchsde")
 
     monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", Dummy)
     with pytest.raises(ValueError, match="needs the optional package\\(s\\) torchsde: pip install torchsde"):
@@ -474,7 +482,7 @@ def test_non_finite_latents_given_are_refused(sd1, earlier):
     noise[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         edit(sd1, "a cat", "a dog", steps=2, latents=noise)
-    with pytest.raises(TypeError, match="latents is a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"latents is a torch\.Tensor"):
         edit(sd1, "a cat", "a dog", steps=2, latents=noise.numpy())
     assert_untouched(sd1, processors, scheduler, earlier)
 
@@ -559,7 +567,9 @@ def test_an_inversion_over_the_free_memory_is_refused_before_encoding(sd1, earli
 
     processors, scheduler = processors_of(sd1), scheduler_state(sd1)
     image = earlier[0].images[0]
-    needed = inversion._estimate(sd1, inversion.plan_branches(Recipe("a red cat", steps=3), sd1.tokenizer), method, 3, (32, 32))
+    needed = inversion._estimate(
+        sd1, inversion.plan_branches(Recipe("a red cat", steps=3), sd1.tokenizer), method, 3, (32, 32)
+    )
     monkeypatch.setattr("p2p_widgets.memory.available_memory", lambda device: needed.device_bytes - 1)
 
     def no_encoding(*args, **kwargs):
@@ -618,7 +628,7 @@ def test_two_null_text_inversions_at_once_restore_the_unets_gradient_flags(sd1):
     ],
 )
 def test_bad_picture_and_record_arguments_are_refused(earlier, call, message):
-    result, images, latents = earlier
+    result, images, _latents = earlier
     with pytest.raises(ValueError, match=message):
         call(result)
     assert all(np.array_equal(a, b) for a, b in zip(pixels(result.images), images))

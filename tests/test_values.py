@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from p2p_widgets import Recipe, Target, edit
-from p2p_widgets.control import Controller, same_tokens, plan_branches
+from p2p_widgets.control import Controller, plan_branches, same_tokens
 from p2p_widgets.processors import find_places
 from p2p_widgets.shapes.evaluate import find_object
 
@@ -40,9 +40,11 @@ def test_an_identical_prompt_pair_changes_nothing(sd1):
     plain = edit(sd1, SOURCE, Target(SOURCE, cross=0.0, self_attn=0.0), **RUN)
     injected = edit(sd1, SOURCE, Target(SOURCE, cross=0.0, self_attn=0.0, values=1.0), **RUN)
     # two rows of one prompt may differ by the batched kernels' float32 rounding (0 with
-    # transformers 5, about 2e-5 with 4.46): injection may move them by that much, no more
+    # transformers 5, about 2e-5 with 4.46), and an injected target's attention output is its
+    # explicit probabilities times its values where the source's is SDPA's (about 2e-5 after
+    # 4 steps): injection may move them by that much, no more
     rounding = (plain.latents[1] - plain.latents[0]).abs().max()
-    assert (injected.latents - plain.latents).abs().max() <= 2 * rounding + 1e-6
+    assert (injected.latents - plain.latents).abs().max() <= 2 * rounding + 1e-4
 
 
 def test_a_cycle_with_everything_injected_returns_the_source(sd1):
@@ -95,5 +97,5 @@ def test_values_in_the_recipe_and_bad_values():
     assert Target.from_json({"prompt": SWAP}).values.steps(10) == range(0)  # older recipes: none
     with pytest.raises(ValueError, match="value_beta is the parent's share"):
         Target(SWAP, value_beta=1.5)
-    with pytest.raises(ValueError, match="start \\(0.7\\) is after its end"):
+    with pytest.raises(ValueError, match=r"start \(0\.7\) is after its end"):
         Target(SWAP, values=(0.7, 0.2))

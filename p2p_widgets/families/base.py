@@ -6,6 +6,7 @@ The engine and the inversion talk to it, never to the pipeline's class.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -90,7 +91,9 @@ class Conditioning:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
         return Conditioning(
-            move(self.text), None if self.pooled is None else move(self.pooled), {k: move(v) for k, v in self.extra.items()}
+            move(self.text),
+            None if self.pooled is None else move(self.pooled),
+            {k: move(v) for k, v in self.extra.items()},
         )
 
     @staticmethod
@@ -108,6 +111,9 @@ class Conditioning:
         )
 
 
+_PLACES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, LayerPlace]] = weakref.WeakKeyDictionary()
+_PLACES_LOCK = threading.Lock()
+
 # One lock per VAE for decoding with a temporary upcast (SDXL's float16 VAE overflows).
 _VAE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _VAE_LOCKS_LOCK = threading.Lock()
@@ -119,6 +125,13 @@ def _vae_lock(vae: torch.nn.Module) -> threading.Lock:
         if lock is None:
             lock = _VAE_LOCKS[vae] = threading.Lock()
         return lock
+
+
+def _guidance(recipe: Recipe) -> float:
+    """A resolved recipe's guidance (the engine fills in the family's default first)."""
+    if recipe.guidance is None:
+        raise ValueError("the recipe's guidance is not resolved; run it through p2p_widgets.engine.resolve first")
+    return recipe.guidance
 
 
 class Family:
@@ -158,8 +171,9 @@ class Family:
 
     # -- the model ----------------------------------------------------------------------
     @property
-    def denoiser(self) -> torch.nn.Module:
-        """The network whose attention layers are edited."""
+    def denoiser(self) -> Any:
+        """The network whose attention layers are edited (a diffusers model: its ``config``
+        attributes are dynamic, so it is typed ``Any``)."""
         return self.pipe.unet
 
     @property
@@ -167,13 +181,15 @@ class Family:
         """The tokenizer whose token positions prompts, edits and maps are in."""
         return self.pipe.tokenizer
 
-    @property
+    # Read once per adapter (a run makes its own): diffusers' ``device`` walks every module.
+    @functools.cached_property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return torch.device(self.denoiser.device)
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
+        dtype: torch.dtype = self.denoiser.dtype
+        return dtype
 
     @property
     def latent_channels(self) -> int:
@@ -196,9 +212,16 @@ class Family:
         return self.default_scheduler
 
     def places(self) -> dict[str, LayerPlace]:
-        """The attention layers, by module name (found once)."""
+        """The attention layers, by module name (found once per denoiser: its structure
+        does not change, whatever processors or weights it gets)."""
         if self._places is None:
-            self._places = find_places(self.denoiser)
+            with _PLACES_LOCK:
+                places = _PLACES.get(self.denoiser)
+            if places is None:
+                places = find_places(self.denoiser)
+                with _PLACES_LOCK:
+                    _PLACES[self.denoiser] = places
+            self._places = places
         return self._places
 
     def default_size(self) -> tuple[int, int]:
@@ -304,15 +327,16 @@ class Family:
             NotFinite: the VAE decoded NaN or infinite pixels.
         """
 
-        def work(vae: torch.nn.Module) -> list[Image.Image]:
+        def work(vae: Any) -> list[Image.Image]:
             images = []
+            device, dtype = vae.device, vae.dtype  # once: diffusers finds them by walking the modules
             for latent in latents:  # one at a time: decoding is the memory peak at large sizes
-                latent = latent[None].to(device=vae.device, dtype=vae.dtype)
+                latent = latent[None].to(device=device, dtype=dtype)
                 scale, shift = self._vae_scale(latent)
                 decoded = vae.decode(latent / scale + shift, return_dict=False)[0]
                 if not bool(torch.isfinite(decoded).all()):
                     raise NotFinite(
-                        f"the VAE decoded non-finite pixels (NaN or inf) in {vae.dtype}; a float16 VAE "
+                        f"the VAE decoded non-finite pixels (NaN or inf) in {dtype}; a float16 VAE "
                         "overflows at some sizes: decode in float32 (pipe.vae.to(torch.float32)) and run again"
                     )
                 array = (decoded[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -326,7 +350,7 @@ class Family:
         """The latent of an RGB image (the VAE posterior's mean, scaled as the denoiser
         expects), (1, channels, h, w) on the denoiser's device and dtype."""
 
-        def work(vae: torch.nn.Module) -> torch.Tensor:
+        def work(vae: Any) -> torch.Tensor:
             pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
             pixels = pixels.permute(2, 0, 1)[None].to(device=vae.device, dtype=vae.dtype)
             mean = vae.encode(pixels).latent_dist.mean

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import Conditioning, Family
+from .base import Conditioning, Family, _guidance
 
 if TYPE_CHECKING:
     from ..control import Branch
@@ -63,11 +63,11 @@ class StableDiffusion(Family):
 
     def encode(self, branches: Sequence[Branch], recipe: Recipe, size: tuple[int, int]) -> Conditioning:
         text = self._hidden_states([b.prompt.ids for b in branches], [b.prompt.length for b in branches])
-        return Conditioning(text, None, self.guidance_embedding(len(branches), recipe.guidance))
+        return Conditioning(text, None, self.guidance_embedding(len(branches), _guidance(recipe)))
 
     def encode_negative(self, recipe: Recipe, size: tuple[int, int], max_length: int) -> Conditioning:
         ids, length = self.token_ids(self.tokenizer, recipe.negative_prompt, max_length)
-        return Conditioning(self._hidden_states([ids], [length]), None, self.guidance_embedding(1, recipe.guidance))
+        return Conditioning(self._hidden_states([ids], [length]), None, self.guidance_embedding(1, _guidance(recipe)))
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor | int, conditioning: Conditioning) -> torch.Tensor:
         return self.pipe.unet(

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import Conditioning, Family
 from ..prompts import encode_text
+from .base import Conditioning, Family, _guidance
 
 if TYPE_CHECKING:
     from ..control import Branch
@@ -65,7 +65,9 @@ class StableDiffusionXL(Family):
         ids = torch.tensor([[*original, *recipe.crop, *target]], dtype=self.pipe.text_encoder_2.dtype)
         return ids.to(self.device).repeat(rows, 1)
 
-    def _encode_both(self, texts: Sequence[str], first_ids: Sequence[Sequence[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_both(
+        self, texts: Sequence[str], first_ids: Sequence[Sequence[int]], max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states joined feature-wise, pooled) for token ids of the first tokenizer
         and the texts (tokenised here by the second)."""
         second_ids = [self.token_ids(self.pipe.tokenizer_2, text, max_length)[0] for text in texts]
@@ -93,7 +95,7 @@ class StableDiffusionXL(Family):
             [b.prompt.text for b in branches], [b.prompt.ids for b in branches], branches[0].prompt.max_length
         )
         extra = {"time_ids": self._time_ids(recipe, size, len(branches))}
-        extra.update(self.guidance_embedding(len(branches), recipe.guidance))
+        extra.update(self.guidance_embedding(len(branches), _guidance(recipe)))
         return Conditioning(text, pooled, extra)
 
     def encode_negative(self, recipe: Recipe, size: tuple[int, int], max_length: int) -> Conditioning:

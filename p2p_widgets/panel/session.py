@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
@@ -43,6 +43,9 @@ from ..engine import Cancelled, Progress, Result, run, vae_factor
 from ..families import Family, family_of
 from ..files import read_recipe, recipe_from_bytes, save_result
 from ..prompts import Word, infer_kind, tokenize
+
+if TYPE_CHECKING:
+    from ..plot import Scrubber  # plot loads matplotlib: imported where a scrubber is first made
 
 __all__ = ["WordChoice", "EditRow", "Settings", "Entry", "View", "State", "Session", "KINDS"]
 
@@ -56,7 +59,9 @@ _TILE = (128, 192)  # heatmap tiles: this many pixels high at least / at most
 _DISPLAY = (160, 320)  # the run's images: this many pixels high at least / at most
 _FRAME_CACHE = 256  # encoded heatmap frames kept (PNG bytes)
 _RECIPE_DEFAULTS = {  # recipe fields the panel has no input for, with the values it runs with
-    f.name: f.default for f in dataclasses.fields(Recipe) if f.name in ("negative_prompt", "scheduler", "eta", "guidance_rescale", "self_max_scale")
+    f.name: f.default
+    for f in dataclasses.fields(Recipe)
+    if f.name in ("negative_prompt", "scheduler", "eta", "guidance_rescale", "self_max_scale")
 }
 
 
@@ -249,15 +254,20 @@ class Settings:
             if target.reweight_window is not None:
                 notes.append(f"edit {i}: the separate re-weight window is not shown; the cross window used")
             if (target.cross.default, target.self_attn, target.values, target.value_beta) != (
-                first.cross.default, first.self_attn, first.values, first.value_beta
+                first.cross.default,
+                first.self_attn,
+                first.values,
+                first.value_beta,
             ):
-                notes.append(f"edit {i}: its windows or value beta differ from edit 1's; the panel uses edit 1's for all")
+                notes.append(
+                    f"edit {i}: its windows or value beta differ from edit 1's; the panel uses edit 1's for all"
+                )
             rows.append(EditRow(target.prompt, target.kind, tuple(sorted(words.items()))))
         blends = [t.blend.threshold for t in targets if t.blend is not None]
         if len(set(blends)) > 1:
             notes.append("the edits use different blend thresholds; the panel uses the first for all")
         defaults = dict(_RECIPE_DEFAULTS)
-        same_scheduler = {None}
+        same_scheduler: set[str | None] = {None}
         if family is not None:
             same_scheduler |= {family.default_scheduler, family.default_scheduler_class()}
         if recipe.scheduler in same_scheduler:
@@ -266,7 +276,9 @@ class Settings:
             defaults["scheduler"] = family.default_scheduler_class()
         for name, default in defaults.items():  # run settings the panel has no input for
             if getattr(recipe, name) != default:
-                notes.append(f"the recipe's {name} {getattr(recipe, name)!r} is not shown; the panel runs with {default!r}")
+                notes.append(
+                    f"the recipe's {name} {getattr(recipe, name)!r} is not shown; the panel runs with {default!r}"
+                )
         size = None if recipe.height is None or recipe.width is None else (recipe.height, recipe.width)
         settings = cls(
             source=recipe.prompt,
@@ -315,7 +327,10 @@ def _word_indices(word: str | int, text: str, what: str) -> list[int]:
         for k in range(len(wanted))
     }
     if not found:
-        raise ValueError(f"{what} {word!r}, which is not in {text!r}; its words are: {listing}; correct the word or the prompt in the recipe")
+        raise ValueError(
+            f"{what} {word!r}, which is not in {text!r}; its words are: {listing}; "
+            "correct the word or the prompt in the recipe"
+        )
     return sorted(found)
 
 
@@ -413,7 +428,9 @@ class Session:
     kinds = KINDS
     weight_range = _WEIGHT_RANGE
 
-    def __init__(self, pipe: Any, settings: Settings | None = None, *, preview_every: int = 5, model: str | None = None):
+    def __init__(
+        self, pipe: Any, settings: Settings | None = None, *, preview_every: int = 5, model: str | None = None
+    ):
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipe, name, None) is None:
                 raise ValueError(f"the panel needs a Stable Diffusion pipeline; this one has no {name}")
@@ -448,7 +465,12 @@ class Session:
     def _replace(self, **changes: Any) -> State:
         with self._lock:
             old = self._state
-            if changes.get("error", old.error) is None and old.error is not None and "message" not in changes and old.message == old.error:
+            if (
+                changes.get("error", old.error) is None
+                and old.error is not None
+                and "message" not in changes
+                and old.message == old.error
+            ):
                 changes["message"] = ""  # an error cleared leaves no trace of itself in the status line
             self._state = dataclasses.replace(old, **changes)
             state = self._state
@@ -471,15 +493,18 @@ class Session:
         are named in ``state.message``."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Settings)} - {"edits"})
         if unknown:
-            self.report(f"unknown setting(s) {', '.join(unknown)}; settings: "
-                       f"{', '.join(f.name for f in dataclasses.fields(Settings))}")
+            self.report(
+                f"unknown setting(s) {', '.join(unknown)}; settings: "
+                f"{', '.join(f.name for f in dataclasses.fields(Settings))}"
+            )
             return False
         try:
             settings = dataclasses.replace(self.settings, **changes)
         except (ValueError, TypeError) as error:
             self.report(error)
             return False
-        selected, dropped = self.state.selected, ()
+        selected = self.state.selected
+        dropped: tuple[str, ...] = ()
         if "source" in changes or "chain" in changes:
             settings, selected, dropped = _keep_choices(settings, self.settings, selected)
         self._settle(settings, selected, dropped)
@@ -547,10 +572,13 @@ class Session:
         except (ValueError, TypeError) as error:
             self.report(error)
             return False
-        selected, dropped = self.state.selected, ()
+        selected = self.state.selected
+        dropped: tuple[str, ...] = ()
         if prompt is not None and prompt != old.prompt:
             head = self.settings.head
-            words, moved, dropped = _carry(old.words, tokenize_words(old.prompt or head), tokenize_words(new.prompt or head), f"edit {row}")
+            words, moved, dropped = _carry(
+                old.words, tokenize_words(old.prompt or head), tokenize_words(new.prompt or head), f"edit {row}"
+            )
             new = dataclasses.replace(new, words=words)
             if selected is not None and selected[0] == row:
                 selected = (row, moved[selected[1]]) if selected[1] in moved else None
@@ -630,8 +658,12 @@ class Session:
         found = self._find_word(row, word)
         edit = self.settings.edits[row - 1]
         old = edit.choice(found.index)
-        changes = {k: v for k, v in dict(weight=weight, preserve=preserve, local=local).items() if v is not None}
-        new = dataclasses.replace(old, **changes)
+        new = dataclasses.replace(
+            old,
+            weight=old.weight if weight is None else weight,
+            preserve=old.preserve if preserve is None else preserve,
+            local=old.local if local is None else local,
+        )
         choices = dict(edit.words)
         if new.is_default:
             choices.pop(found.index, None)
@@ -651,7 +683,9 @@ class Session:
         """(label, size) choices for the image size: the model's default first."""
         factor = vae_factor(self.pipe)
         default = self._default_size()[0]
-        sides = sorted({max(factor, round(default * scale / factor) * factor) for scale in (0.5, 0.75, 1.5, 2.0)} - {default})
+        sides = sorted(
+            {max(factor, round(default * scale / factor) * factor) for scale in (0.5, 0.75, 1.5, 2.0)} - {default}
+        )
         return ((f"{default}x{default} (model default)", None), *((f"{s}x{s}", (s, s)) for s in sides))
 
     def recipe(self) -> Recipe:
@@ -682,7 +716,9 @@ class Session:
 
                     settings = self.settings
                     forward = settings.target(1)
-                    back = _way_back(self.pipe, settings.head, dataclasses.replace(forward, parent=0), settings.first_row_branch)
+                    back = _way_back(
+                        self.pipe, settings.head, dataclasses.replace(forward, parent=0), settings.first_row_branch
+                    )
                     extra = (back,)
                 recipe = self.settings.recipe(self.model, extra)
                 from ..control import plan_branches
@@ -695,7 +731,9 @@ class Session:
             settings = self.settings
             self._replace(status="running", error=None, message="starting...", step=0, steps=recipe.steps, preview=None)
             back_branch = len(recipe.targets) if cycle else None
-            self._thread = threading.Thread(target=self._work, args=(recipe, settings, back_branch), name="p2p-run", daemon=True)
+            self._thread = threading.Thread(
+                target=self._work, args=(recipe, settings, back_branch), name="p2p-run", daemon=True
+            )
             self._thread.start()
         if wait:
             self.wait()
@@ -719,7 +757,8 @@ class Session:
 
                 score = cycle_score(result, back_branch)
                 scored = (
-                    f"; cycle back to step {settings.first_row_branch - 1}: PSNR {score.psnr:.1f} dB, SSIM {score.ssim:.3f} "
+                    f"; cycle back to step {settings.first_row_branch - 1}: "
+                    f"PSNR {score.psnr:.1f} dB, SSIM {score.ssim:.3f} "
                     f"(outside the edit {score.psnr_outside:.1f} dB, {score.ssim_outside:.3f})"
                 )
             thumbnail = _thumbnail(result.images)
@@ -736,7 +775,8 @@ class Session:
             view = _view_of(self.state.view, entry, branch=min(settings.first_row_branch, len(result.images) - 1))
             self._replace(
                 status="done",
-                message=f"run {number} done in {seconds:.1f} s ({', '.join(result.kinds[1:]) or 'source only'}){scored}",
+                message=f"run {number} done in {seconds:.1f} s "
+                f"({', '.join(result.kinds[1:]) or 'source only'}){scored}",
                 error=None,  # a finished run replaces any refusal made while it ran
                 history=(*self.state.history, entry),
                 view=view,
@@ -790,8 +830,12 @@ class Session:
             path.append(branch)
             branch = recipe.targets[branch - 1].parent
         chain = tuple(dataclasses.replace(recipe.targets[b - 1], parent=i) for i, b in enumerate(reversed(path)))
-        settings = dataclasses.replace(entry.settings, chain=chain, edits=(EditRow(chain[-1].prompt if chain else recipe.prompt),))
-        self._replace(settings=settings, selected=None, error=None, message=f"editing step {len(chain)} of the chain further")
+        settings = dataclasses.replace(
+            entry.settings, chain=chain, edits=(EditRow(chain[-1].prompt if chain else recipe.prompt),)
+        )
+        self._replace(
+            settings=settings, selected=None, error=None, message=f"editing step {len(chain)} of the chain further"
+        )
         return settings
 
     def breadcrumb(self) -> tuple[str, ...]:
@@ -805,7 +849,9 @@ class Session:
         if not is_int(step) or not 0 <= step <= len(chain):
             raise ValueError(f"the chain has steps 0..{len(chain)}, not {step!r}")
         kept = chain[:step]
-        settings = dataclasses.replace(self.settings, chain=kept, edits=(EditRow(kept[-1].prompt if kept else self.settings.source),))
+        settings = dataclasses.replace(
+            self.settings, chain=kept, edits=(EditRow(kept[-1].prompt if kept else self.settings.source),)
+        )
         self._replace(settings=settings, selected=None, error=None, message=f"back to step {step} of the chain")
         return settings
 
@@ -824,7 +870,10 @@ class Session:
                 paths = save_result(entry.result, folder, stem=stem, overwrite=False)  # a free stem, reserved
             except OSError as error:  # a bare system message gets the folder and what to do
                 bare = str(error).startswith("[Errno") or str(Path(folder)) not in str(error)
-                text = f"cannot save run {entry.number} to {Path(folder)}: {error.strerror or error}; choose another folder"
+                text = (
+                    f"cannot save run {entry.number} to {Path(folder)}: {error.strerror or error}; "
+                    "choose another folder"
+                )
                 raise ValueError(text if bare else str(error)) from None
         except ValueError as error:
             self.report(error)
@@ -844,8 +893,10 @@ class Session:
         name = name if is_bytes else str(source)
         try:
             if not is_bytes and not name.strip():
-                raise ValueError("no recipe file given; type the path of a recipe JSON or PNG file (e.g. p2p_run1_0.png)")
-            recipe = recipe_from_bytes(source, name) if is_bytes else read_recipe(source)
+                raise ValueError(
+                    "no recipe file given; type the path of a recipe JSON or PNG file (e.g. p2p_run1_0.png)"
+                )
+            recipe = recipe_from_bytes(source, name) if isinstance(source, (bytes, bytearray)) else read_recipe(source)
             settings, notes = Settings.from_recipe(recipe, family_of(self.pipe))
             if settings.size is not None and settings.size == self._default_size():
                 settings = dataclasses.replace(settings, size=None)
@@ -855,7 +906,10 @@ class Session:
             self.report(message)
             raise (FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError)(message) from None
         if recipe.model and self.model and recipe.model != self.model:
-            notes = (*notes, f"it was made with {recipe.model!r}; this panel runs {self.model!r}, so the images will differ")
+            notes = (
+                *notes,
+                f"it was made with {recipe.model!r}; this panel runs {self.model!r}, so the images will differ",
+            )
         message = f"recipe loaded from {name}" + (f" ({'; '.join(notes)})" if notes else "")
         self._replace(settings=settings, selected=None, error=None, message=message)
         return notes
@@ -895,7 +949,7 @@ class Session:
         sizes = [(f"{h}x{w}", f) for f in record.factors for h, w in [record.map_size(f)]]
         return (("all", None), *sizes)
 
-    def _scrubber(self, entry: Entry, view: View):
+    def _scrubber(self, entry: Entry, view: View) -> Scrubber:
         from .. import plot
 
         key = (entry.number, view.branch, view.factor, view.overlay)
@@ -904,7 +958,9 @@ class Session:
             image = entry.result.images[view.branch]
             tile = _display_height(image.height, _TILE)
             size = (tile, max(1, round(image.width * tile / image.height)))
-            scrubber = plot.Scrubber(entry.result, view.branch, factor=view.factor, alpha=0.5 if view.overlay else 1.0, size=size)
+            scrubber = plot.Scrubber(
+                entry.result, view.branch, factor=view.factor, alpha=0.5 if view.overlay else 1.0, size=size
+            )
             self._scrubbers[key] = scrubber
             while len(self._scrubbers) > 8:
                 self._scrubbers.popitem(last=False)
@@ -926,7 +982,9 @@ class Session:
         if view.mode == "difference":
             tile = _display_height(entry.result.images[0].height, _DISPLAY)
             if view.branch == 0:
-                return plot.tile_images([entry.result.images[0]], ["the source: pick an edit to see its difference"], tile=tile)
+                return plot.tile_images(
+                    [entry.result.images[0]], ["the source: pick an edit to see its difference"], tile=tile
+                )
             parent = entry.result.branches[view.branch].parent
             picture = plot.difference(entry.result, view.branch, gain=2.0)
             return plot.tile_images([picture], [f"|edit {view.branch} - branch {parent}| x2"], tile=tile)
@@ -968,7 +1026,8 @@ class Session:
             return None
         result = entry.result
         labels = [f'source: "{result.recipe.prompt}"'] + [
-            f'{kind} {i}: "{prompt}"' for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
+            f'{kind} {i}: "{prompt}"'
+            for i, (kind, prompt) in enumerate(zip(result.kinds[1:], result.recipe.prompts[1:]), start=1)
         ]
         return plot.tile_images(result.images, labels, tile=_display_height(result.images[0].height, _DISPLAY))
 
@@ -1010,7 +1069,9 @@ def _carry(
     aside) to its new place. Returns the kept choices, the old -> new index of every
     word that stayed, and a report of each setting dropped because its word is gone
     (``where``: the row, e.g. "edit 1")."""
-    matcher = difflib.SequenceMatcher(None, [w.text.lower() for w in before], [w.text.lower() for w in after], autojunk=False)
+    matcher = difflib.SequenceMatcher(
+        None, [w.text.lower() for w in before], [w.text.lower() for w in after], autojunk=False
+    )
     moved = {block.a + k: block.b + k for block in matcher.get_matching_blocks() for k in range(block.size)}
     kept, dropped = [], []
     for index, choice in choices:
@@ -1033,7 +1094,9 @@ def _keep_choices(
     """After a source (or chain) change, edit rows that follow the prompt they edit
     (empty prompt) keep the choices whose words are still there, and the selection
     follows its word. Returns the settings, the selection and what was dropped."""
-    rows, dropped, moves = [], [], {}
+    rows: list[EditRow] = []
+    dropped: list[str] = []
+    moves: dict[int, dict[int, int]] = {}
     for row, edit in enumerate(new.edits, start=1):
         if edit.prompt.strip():
             rows.append(edit)
