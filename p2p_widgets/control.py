@@ -237,10 +237,6 @@ class Controller:
             return self.offset
         return None
 
-    def edits_cross(self, place: LayerPlace) -> bool:
-        """Whether this step changes cross-attention (probabilities or values) at all."""
-        return self.edited[self.step]
-
     @property
     def records_self(self) -> bool:
         return self.recorder.record_self_at is not None

@@ -10,10 +10,8 @@ exactly as diffusers' ``AttnProcessor2_0`` does and asks the controller two thin
 * cross-attention: from which batch row on the probabilities are needed (``None``:
   none, at a step with nothing to record or edit). Those rows' probabilities are computed
   explicitly (fp32 softmax) and given to the controller, which records them and edits
-  the targets' rows in place, and so are their values (value injection). Every row's
-  output is first SDPA's, as the stock processor computes it; the targets' rows are then
-  replaced by their edited probabilities times their values, so the unconditional half
-  and the source never depend on the targets.
+  the targets' rows in place, and so are their values (value injection); the other rows
+  (the unconditional half) use SDPA.
 
 ``attached(unet, controller)`` installs the processors for the duration of a ``with``
 block and restores the originals on exit, whatever happened.
@@ -68,17 +66,14 @@ class AttentionHandler(Protocol):
     """What a run's controller answers the processors (see the module docstring).
 
     ``cross_probabilities`` and ``cross_values`` return the tensor they were given when
-    nothing changes, and may edit it in place; when ``edits_cross`` is false at a layer
-    they are only observed (recorded), and the output is SDPA's; ``record_self`` is called
-    only when ``records_self`` is true.
+    nothing changes, and may edit it in place; ``record_self`` is called only when
+    ``records_self`` is true.
     """
 
     @property
     def records_self(self) -> bool: ...
 
     def explicit_rows(self, place: LayerPlace) -> int | None: ...
-
-    def edits_cross(self, place: LayerPlace) -> bool: ...
 
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None: ...
 
@@ -242,22 +237,24 @@ class P2PAttnProcessor:
 
         first = handler.explicit_rows(self.place) if self.place.is_cross else None
         if first is not None:
-            # The output of every row is SDPA's, as the stock processor's: the unconditional
-            # half and the source never depend on what the targets do. The conditional rows'
-            # probabilities (batch, heads, pixels, tokens) are computed explicitly (fp32
-            # softmax; the scale goes on the keys, the smallest operand) for the controller,
-            # which records them and edits the targets' rows in place; the targets' outputs
-            # are then their edited probabilities times their (possibly injected) values.
+            # Rows before ``first`` (the unconditional half) need no record or edit: SDPA.
+            # The conditional rows: explicit probabilities (batch, heads, pixels, tokens),
+            # fp32 softmax, recorded and edited (in place) by the controller, times their
+            # (possibly injected) values. Every conditional row takes this path at every
+            # recorded step, so the source and a target's return to it are computed alike.
+            # The scale goes on the keys: the smallest operand (tokens x head_dim).
             scores = torch.matmul(query[first:], (key[first:] * attn.scale).transpose(-1, -2))
             if attention_mask is not None:
                 scores = scores + attention_mask[first:]
             probs = handler.cross_probabilities(self.place, torch.softmax(scores, dim=-1, dtype=torch.float32))
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-            )
-            if handler.edits_cross(self.place):
-                values = handler.cross_values(self.place, value[first:])
-                hidden_states[first + 1 :] = torch.matmul(probs[1:].to(value.dtype), values[1:])
+            values = handler.cross_values(self.place, value[first:])
+            hidden_states = torch.matmul(probs.to(value.dtype), values)
+            if first > 0:
+                mask = None if attention_mask is None else attention_mask[:first]
+                plain = F.scaled_dot_product_attention(
+                    query[:first], key[:first], value[:first], attn_mask=mask, scale=attn.scale
+                )
+                hidden_states = torch.cat([plain, hidden_states])
         elif self.place.is_cross:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale

@@ -12,17 +12,13 @@ class Handler:
 
     records_self = False
 
-    def __init__(self, sources=None, first=0, edits=True):
+    def __init__(self, sources=None, first=0):
         self.sources = sources
-        self.edits = edits
         self.first = first
         self.seen = None
 
     def explicit_rows(self, place):
         return self.first
-
-    def edits_cross(self, place):
-        return self.edits
 
     def self_sources(self, place):
         return self.sources
@@ -55,13 +51,12 @@ def test_self_injection_equals_replacing_the_probabilities():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("edits", [True, False], ids=["editing", "recording only"])
 @pytest.mark.parametrize("first", [None, 0, 2])
-def test_cross_attention_matches_the_stock_processor_and_exposes_probabilities(first, edits):
+def test_cross_attention_matches_the_stock_processor_and_exposes_probabilities(first):
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
     hidden, text = torch.randn(4, 10, 16), torch.randn(4, 7, 12)
-    handler = Handler(first=first, edits=edits)
+    handler = Handler(first=first)
     out = P2PAttnProcessor(handler, LayerPlace("x", True, 1))(attn, hidden, text)
     expected = AttnProcessor()(attn, hidden, text)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

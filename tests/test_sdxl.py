@@ -21,8 +21,8 @@ from p2p_widgets.testing import tiny_sdxl_pipeline
 
 STEPS = 4
 PROMPT, SWAP = "a red cat sitting on a table", "a red dog sitting on a table"
-# An edited target's cross-attention output is its explicit probabilities times its values,
-# where the stock pipeline (and the source) use SDPA: results agree to float32 rounding.
+# The engine computes the conditional rows' cross-attention explicitly where the stock
+# pipeline uses SDPA: results agree to float32 rounding, not bit for bit.
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -140,7 +140,9 @@ EDITS = {
     "per-word windows": Target(SWAP, cross={"default_": 0.8, "dog": 0.3}),
     "window pair": Target(SWAP, cross=(0.1, 0.7), self_attn=(0.0, 0.5)),
     "preservation": Target(SWAP, preserve=("table",)),
-    "local blend": Target(SWAP, blend=LocalBlend(("dog",), threshold=0.9, dilation=0)),  # random maps: a tight mask
+    "local blend": Target(
+        SWAP, blend=LocalBlend(("dog",), threshold=0.97, dilation=0)
+    ),  # random, flat maps: a tight mask
     "value injection": Target(SWAP, values=0.5),
 }
 
