@@ -146,6 +146,7 @@ class Controller:
         if recorder is None:
             recorder = Recorder([b.prompt for b in branches], latent_size, places, self.offset, record=False)
         self.recorder = recorder
+        self.records_self = recorder.record_self_at is not None
         self.step = 0
         parents = tuple(b.parent for b in branches)
         self.level_lists = [(group, [parents[b] for b in group]) for group in _levels(parents)]
@@ -158,6 +159,7 @@ class Controller:
         }
         self._build_cross(recipe)
         self._build_self(recipe)
+        self._at(0)
 
     # -- set-up --------------------------------------------------------------------
     def _build_cross(self, recipe: Recipe) -> None:
@@ -216,30 +218,33 @@ class Controller:
 
     # -- called by the engine ------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        self.step = step
         self.recorder.begin_step(step)
+        self._at(step)
+
+    def _at(self, step: int) -> None:
+        """Look up what every layer asks at this step once (the layers' hot path)."""
+        self.step = step
+        self._all_explicit = self.edited[step] or self.recorder.record
+        self._sources = self.self_sources_at[step]
+        self._injected, self._scaled = self.cross_injected[step], self.cross_scaled[step]
 
     def end_step(self) -> None:
         self.recorder.end_step()
 
     # -- called by the processors --------------------------------------------------
     def self_sources(self, place: LayerPlace) -> torch.Tensor | None:
-        if not self.self_allowed[place.name]:
+        if self._sources is None or not self.self_allowed[place.name]:
             return None
-        return self.self_sources_at[self.step]
+        return self._sources
 
     def record_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         self.recorder.add_self(place, query, key, scale)
 
     def explicit_rows(self, place: LayerPlace) -> int | None:
         """The first batch row whose cross-attention probabilities this step needs."""
-        if self.edited[self.step] or self.recorder.observes(place):
+        if self._all_explicit or self.recorder.observes(place):
             return self.offset
         return None
-
-    @property
-    def records_self(self) -> bool:
-        return self.recorder.record_self_at is not None
 
     def cross_values(self, place: LayerPlace, conditional: torch.Tensor) -> torch.Tensor:
         """Value injection (CL P2P) on the conditional half's values (branches, heads, tokens, dim):
@@ -262,14 +267,18 @@ class Controller:
                 f"for a {self.latent_size[0]}x{self.latent_size[1]} latent; this model's layout is not supported"
             )
         self.recorder.add_cross(place, conditional)
-        injected, scaled = self.cross_injected[self.step], self.cross_scaled[self.step]
+        injected, scaled = self._injected, self._scaled
         if not (injected or scaled):
             return conditional
         # In place, level by level: parents before children, so chains see edited parents,
         # and a level's own rows are read before they are written.
         for level in self.levels:
+            whole = injected and level.identity and level.fully_injected[self.step]  # M* = M_parent
+            if whole and not scaled and isinstance(level.rows, slice) and isinstance(level.parents, slice):
+                conditional[level.rows].copy_(conditional[level.parents])  # one copy (broadcast)
+                continue
             maps = conditional[level.rows]
-            if injected and level.identity and level.fully_injected[self.step]:  # M* = M_parent
+            if whole:
                 maps = conditional[level.parents].expand_as(maps)
             elif injected:  # M* = M + alpha * (M_parent re-indexed to this prompt's tokens - M)
                 carried = level.carry(conditional[level.parents])

@@ -536,7 +536,7 @@ def estimate_run(
     on_device = [
         ("latents", rows * channels * pixels * 4 * 8),
         ("denoiser activations", rows * first_channels * pixels * element * 12),
-        ("explicit cross-attention", count * heads * cells[factors[0]] * length * 4 * 3),
+        ("explicit cross-attention", rows * heads * cells[factors[0]] * length * 4 * 3),
         ("attention record", record_bytes),
         ("controller tables", steps * count * length * 4 * 3 + steps * rows * 8),
         ("blend masks", steps * count * pixels),

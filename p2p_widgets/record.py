@@ -208,7 +208,10 @@ class Recorder:
         self.factors = sorted({p.factor for p in places.values() if p.is_cross})
         self.layers = {f: sum(1 for p in places.values() if p.is_cross and p.factor == f) for f in self.factors}
         self.step = 0
+        # Per factor, this step: the layers' probabilities summed over heads and layers, in
+        # units of the first layer's head count (a layer with other heads is rescaled to it).
         self._sums: dict[int, torch.Tensor] = {}
+        self._heads: dict[int, int] = {}
         self._history: dict[int, list[torch.Tensor]] = {f: [] for f in self.factors}
         self._running: torch.Tensor | None = None
         self._self_sum: torch.Tensor | None = None
@@ -221,14 +224,23 @@ class Recorder:
     def begin_step(self, step: int) -> None:
         self.step = step
         self._sums = {}
+        self._heads = {}
 
     def add_cross(self, place: LayerPlace, conditional: torch.Tensor) -> None:
         """One layer's probabilities (branches, heads, pixels, tokens), before any edit."""
         if not self.observes(place):
             return
-        mean = conditional[..., : self.tokens].mean(1)  # (branches, pixels, tokens)
-        previous = self._sums.get(place.factor)
-        self._sums[place.factor] = mean if previous is None else previous + mean
+        # Summed over heads (a sum is cheaper than a mean, and slicing the tokens waits for
+        # the end of the step): the per-layer work on the hot path is one reduction and one add.
+        total = conditional.sum(1)  # (branches, pixels, all tokens)
+        heads, factor = conditional.shape[1], place.factor
+        previous = self._sums.get(factor)
+        if previous is None:
+            self._sums[factor], self._heads[factor] = total, heads
+            return
+        if heads != self._heads[factor]:
+            total = total * (self._heads[factor] / heads)
+        previous.add_(total)  # our own tensor: the first layer's sum
 
     def add_self(self, place: LayerPlace, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """A self-attention layer's queries and keys (batch, heads, pixels, dim), kept at the
@@ -243,7 +255,8 @@ class Recorder:
 
     def end_step(self) -> None:
         """Close the step: keep its maps, add them to the running sum."""
-        means = {f: self._sums[f] / self.layers[f] for f in self._sums}  # (branches, pixels, tokens)
+        # (branches, pixels, tokens): the mean over heads, then over the layers of a factor
+        means = {f: self._sums[f][..., : self.tokens] / (self._heads[f] * self.layers[f]) for f in self._sums}
         if self.record:
             for factor, mean in means.items():
                 height, width = map_size(self.latent_size, factor)

@@ -17,6 +17,9 @@ STEPS = 6
 # pipeline uses SDPA, so results agree to rounding, not bit for bit: the stock pipeline's own
 # SDPA and explicit processors differ by 3.5e-5 on these latents (values up to ~25).
 TIGHT = dict(rtol=1e-5, atol=1e-4)
+# Euler steps x by sigma * epsilon (sigma up to ~15 here): float rounding of epsilon in the
+# attention (explicit softmax against the stock SDPA) is amplified by that much.
+TIGHT_SIGMA = dict(rtol=1e-5, atol=5e-4)
 
 
 def stock_latents(pipe, prompt, noise, **kwargs):
@@ -61,7 +64,7 @@ def test_any_scheduler_matches_the_stock_pipeline(sd1):
     result = edit(pipe, "a red cat", "a blue cat", steps=STEPS, seed=1, scheduler="pipeline")
     assert result.recipe.scheduler == "EulerDiscreteScheduler"
     expected = stock_latents(pipe, "a red cat", initial_noise(pipe, 1, 32, 32), guidance_scale=7.5)
-    torch.testing.assert_close(result.latents[:1], expected, **TIGHT)
+    torch.testing.assert_close(result.latents[:1], expected, **TIGHT_SIGMA)
 
 
 def test_default_scheduler_is_ddim(sd1):
