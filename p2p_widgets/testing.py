@@ -52,7 +52,16 @@ from transformers import (
 
 from .tokenizer import EOS, word_tokenizer
 
-__all__ = ["MULTI_TOKEN_WORDS", "TINY_WORDS", "tiny_pipeline", "tiny_sdxl_pipeline", "tiny_tokenizer"]
+__all__ = [
+    "MULTI_TOKEN_WORDS",
+    "TINY_WORDS",
+    "tiny_flux_pipeline",
+    "tiny_pipeline",
+    "tiny_sd3_pipeline",
+    "tiny_sdxl_pipeline",
+    "tiny_t5_tokenizer",
+    "tiny_tokenizer",
+]
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 

@@ -5,6 +5,7 @@ import os
 # spinning threads starve each other; beside another run a 20-step shapes edit took 70 s
 # spinning, 8 s sleeping. Set before torch is imported: OpenMP reads it once, on loading.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # see below
 
 import matplotlib
 
@@ -17,11 +18,12 @@ import torch
 
 from p2p_widgets.testing import tiny_pipeline
 
-# A fixed, small number of CPU threads for the whole session: torch's float reductions
-# split differently with the thread count (results could differ in the last bits from one
-# machine to another), and so do timings; 2 is what CI and the developers' machines have.
-# Only this process: the notebooks' kernels and the browser test's JupyterLab choose their own.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One CPU thread per test process, and the cores used by running test files side by side
+# (pytest-xdist, ``-n auto`` in pyproject.toml): the tiny models are too small for torch's
+# threads to pay (a 20-step shapes edit: 1.56 s on one thread, 1.59 s on two spinning, 2.47 s
+# on two sleeping), and torch's float reductions split with the thread count, so one thread
+# gives the same last bits on every machine. The notebooks' kernels inherit OMP_NUM_THREADS.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.notebook)
 
 
 @pytest.fixture(scope="session")

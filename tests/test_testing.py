@@ -26,8 +26,11 @@ def test_public_api():
     assert set(tiny.__all__) == {
         "MULTI_TOKEN_WORDS",
         "TINY_WORDS",
+        "tiny_flux_pipeline",
         "tiny_pipeline",
+        "tiny_sd3_pipeline",
         "tiny_sdxl_pipeline",
+        "tiny_t5_tokenizer",
         "tiny_tokenizer",
     }
     assert 50 <= len(TINY_WORDS) <= 80
