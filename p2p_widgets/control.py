@@ -274,8 +274,8 @@ class Controller:
         # and a level's own rows are read before they are written.
         for level in self.levels:
             whole = injected and level.identity and level.fully_injected[self.step]  # M* = M_parent
-            if whole and not scaled:
-                conditional[level.rows] = conditional[level.parents]  # one (broadcast) copy
+            if whole and not scaled and isinstance(level.rows, slice) and isinstance(level.parents, slice):
+                conditional[level.rows].copy_(conditional[level.parents])  # one copy (broadcast)
                 continue
             maps = conditional[level.rows]
             if whole:

@@ -229,8 +229,36 @@ def tiny_sdxl_pipeline(
     hidden, hidden_2, pooled, time_embed_dim = 32, 48, 24, 8
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden, 37, "quick_gelu", 32))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_2, 53, "gelu", pooled))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer_2),
+                hidden_size=hidden_2,
+                intermediate_size=53,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                projection_dim=pooled,
+                bos_token_id=tokenizer_2.bos_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                pad_token_id=tokenizer_2.pad_token_id,
+            )
+        )
         unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=4,
